@@ -1,0 +1,273 @@
+"""Neural long-term memory (LMM): a multi-head deep MLP whose weights are learned at test time.
+
+For each token: k, v, q = projections of the input (optional causal depthwise conv, SiLU, L2-normalised
+q and k); the associative loss is l(W; x_t) = ||M(k_t; W) - v_t||^2 and its gradient is the surprise.
+The stream is cut into chunks of b tokens (mini-batch gradient descent):
+
+    G_c = sum_{t in c} theta_t / b * grad l(W_c; x_t)     all gradients at the chunk-start weights W_c
+    S_c = eta_c * S_{c-1} - G_c                            momentum = past surprise
+    W_{c+1} = (1 - alpha_c) * W_c + S_c                    weight decay = forgetting
+
+eta_c and alpha_c are the chunk means of the per-token gates. Tokens of chunk c read M(q_t; W_c), never
+a weight that saw chunk c. The chunk gradient is a manual MLP backward written as matmuls over the
+chunk (no per-token gradient tensors), differentiable for the outer training loop, and it runs under
+torch.no_grad() as well. An incomplete trailing chunk stays pending in the state until it fills.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans_runtime.config import MemoryConfig
+
+MemoryState = dict[str, Tensor]
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def memory_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Fast weights and momentum stay in at least fp32, whatever the model's dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def mlp_forward(weights: list[Tensor], x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Batched per-head MLP. weights[i]: (B, H, d_i, d_{i+1}); x: (B, H, n, d_0).
+
+    Returns the output and, for the backward, the inputs of each layer and the pre-activations."""
+    inputs, pre = [], []
+    h = x
+    for i, w in enumerate(weights):
+        inputs.append(h)
+        z = h @ w
+        if i < len(weights) - 1:
+            pre.append(z)
+            h = F.silu(z)
+        else:
+            h = z
+    return h, inputs, pre
+
+
+def mlp_backward(
+    weights: list[Tensor], inputs: list[Tensor], pre: list[Tensor], out_grad: Tensor, token_weight: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    """Gradients of sum_t token_weight_t * l_t for each weight, and each token's gradient norm.
+
+    out_grad: dl_t/d(output_t), (B, H, n, d_L); token_weight: (B, H, n).
+    The per-token gradient of a weight is an outer product a_t^T delta_t, so its norm is
+    ||a_t|| * ||delta_t|| and the weighted sum over the chunk is one matmul."""
+    grads: list[Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    sq_norm = torch.zeros_like(token_weight)
+    delta = out_grad
+    for i in range(len(weights) - 1, -1, -1):
+        a = inputs[i]
+        grads[i] = (a * token_weight[..., None]).transpose(-1, -2) @ delta
+        sq_norm = sq_norm + a.pow(2).sum(-1) * delta.pow(2).sum(-1)
+        if i > 0:
+            delta = (delta @ weights[i].transpose(-1, -2)) * silu_grad(pre[i - 1])
+    return grads, sq_norm.sqrt()
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise causal conv over time whose last (kernel - 1) inputs are carried in the stream state."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        weight = torch.zeros(channels, 1, kernel)
+        weight[:, 0, -1] = 1.0  # starts as the identity
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, T, C); tail: (B, kernel - 1, C). Returns (y, new tail)."""
+        full = torch.cat((tail.to(x.dtype), x), dim=1)
+        y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+        return y, full[:, full.shape[1] - (self.kernel - 1):]
+
+
+class NeuralMemory(nn.Module):
+    """One memory layer's LMM. Per-stream state is a dict of tensors (fast weights, momentum, conv
+    tails, pending partial chunk, tokens seen, MAC segment snapshot)."""
+
+    def __init__(self, model_dim: int, cfg: MemoryConfig, segment_len: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.heads = cfg.heads
+        self.dim = cfg.dim or model_dim
+        self.head_dim = self.dim // cfg.heads
+        self.chunk = cfg.chunk_size
+        self.segment_len = segment_len  # MAC: retrieve() reads the weights held at the segment start
+        self.to_q = nn.Linear(model_dim, self.dim, bias=False)
+        self.to_k = nn.Linear(model_dim, self.dim, bias=False)
+        self.to_v = nn.Linear(model_dim, self.dim, bias=False)
+        if cfg.conv_kernel > 1:
+            self.conv_q = CausalDepthwiseConv(self.dim, cfg.conv_kernel)
+            self.conv_k = CausalDepthwiseConv(self.dim, cfg.conv_kernel)
+            self.conv_v = CausalDepthwiseConv(self.dim, cfg.conv_kernel)
+        # Data-dependent gates per head: step size theta, momentum eta, forgetting alpha.
+        self.to_gates = nn.Linear(model_dim, 3 * cfg.heads)
+        nn.init.zeros_(self.to_gates.weight)
+        with torch.no_grad():
+            bias = self.to_gates.bias.view(3, cfg.heads)
+            bias[0] = _logit(cfg.theta_init / cfg.theta_max)
+            bias[1] = _logit(cfg.eta_init)
+            bias[2] = _logit(cfg.alpha_init)
+        hidden = max(1, int(round(self.head_dim * cfg.hidden_mult)))
+        sizes = [self.head_dim] + [hidden] * (cfg.depth - 1) + [self.head_dim]
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(cfg.heads, d_in, d_out) / math.sqrt(d_in))
+            for d_in, d_out in zip(sizes[:-1], sizes[1:])
+        )
+        self.out_proj = nn.Linear(self.dim, model_dim, bias=False)
+        self.out_gate = nn.Linear(model_dim, model_dim)
+        nn.init.zeros_(self.out_gate.weight)
+        nn.init.zeros_(self.out_gate.bias)
+        # Output gate scale: 0 closes the memory exactly (a converted LLaMA starts closed), learnable.
+        self.output_scale = nn.Parameter(torch.full((model_dim,), float(cfg.output_gate_init)))
+
+    @property
+    def depth(self) -> int:
+        return len(self.initial_weights)
+
+    @property
+    def has_conv(self) -> bool:
+        return self.cfg.conv_kernel > 1
+
+    # ----------------------------------------------------------------------------------------- state
+    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MemoryState:
+        """Fresh per-stream state: W = the learned initial weights (keeps their graph), zero momentum."""
+        mdt = memory_dtype(dtype)
+        state: MemoryState = {}
+        for i, w0 in enumerate(self.initial_weights):
+            state[f"w{i}"] = w0.to(device=device, dtype=mdt).unsqueeze(0).expand(batch, *w0.shape)
+            state[f"s{i}"] = torch.zeros(batch, *w0.shape, device=device, dtype=mdt)
+        if self.has_conv:
+            k = self.cfg.conv_kernel - 1
+            for name in ("q", "k", "v", "read"):
+                state[f"conv_{name}"] = torch.zeros(batch, k, self.dim, device=device, dtype=dtype)
+        h, d = self.heads, self.head_dim
+        state["pending_k"] = torch.zeros(batch, h, 0, d, device=device, dtype=mdt)
+        state["pending_v"] = torch.zeros(batch, h, 0, d, device=device, dtype=mdt)
+        state["pending_gates"] = torch.zeros(batch, h, 0, 4, device=device, dtype=mdt)  # theta, eta, alpha, valid
+        state["seen"] = torch.zeros((), dtype=torch.int64)
+        return state
+
+    def weights(self, state: MemoryState, prefix: str = "w") -> list[Tensor]:
+        return [state[f"{prefix}{i}"] for i in range(self.depth)]
+
+    # ----------------------------------------------------------------------------------- projections
+    def _split_heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def _project(self, proj: nn.Linear, conv_name: str, x: Tensor, state: MemoryState, new: MemoryState,
+                 normalise: bool) -> Tensor:
+        y = proj(x)
+        if self.has_conv:
+            conv = getattr(self, f"conv_{conv_name}") if conv_name != "read" else self.conv_q
+            y, new[f"conv_{conv_name}"] = conv(y, state[f"conv_{conv_name}"])
+        y = self._split_heads(F.silu(y))
+        if normalise:
+            y = F.normalize(y, dim=-1)
+        return y
+
+    def _output(self, read: Tensor, x: Tensor | None) -> Tensor:
+        out = self.out_proj(read.transpose(1, 2).flatten(2).to(self.out_proj.weight.dtype))
+        if x is None:
+            return out
+        return out * torch.sigmoid(self.out_gate(x)) * self.output_scale
+
+    # ------------------------------------------------------------------------------------ operations
+    def retrieve(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """M*(q(x)) without update (the MAC read h). With a MAC segment length, every token of a segment
+        reads the weights held at that segment's start. Returns (h (B, T, dim), new state)."""
+        new = dict(state)
+        q = self._project(self.to_q, "read", x, state, new, normalise=True)
+        weights = self.weights(state)
+        if self.segment_len is not None:
+            seen = int(state["seen"])
+            if seen % self.segment_len == 0:
+                for i, w in enumerate(weights):
+                    new[f"segment_w{i}"] = w
+            weights = self.weights(new, "segment_w")
+        out, _, _ = mlp_forward(weights, q.to(weights[0].dtype))
+        return self._output(out, None).to(x.dtype), new
+
+    def update_and_retrieve(
+        self, x: Tensor, state: MemoryState, valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, MemoryState]:
+        """Write x into the memory chunk by chunk and read each token at its chunk-start weights.
+
+        x: (B, T, model_dim); valid: optional (B, T) bool, False for padding (no write, no read).
+        Returns (gated output (B, T, model_dim), surprise (B, T) = per-token gradient norm averaged over
+        heads, new state)."""
+        new = dict(state)
+        mdt = state["w0"].dtype
+        q = self._project(self.to_q, "q", x, state, new, normalise=True).to(mdt)
+        k = self._project(self.to_k, "k", x, state, new, normalise=True).to(mdt)
+        v = self._project(self.to_v, "v", x, state, new, normalise=False).to(mdt)
+        gates = torch.sigmoid(self.to_gates(x).to(mdt)).unflatten(-1, (3, self.heads))  # (B, T, 3, H)
+        theta = gates[:, :, 0] * self.cfg.theta_max
+        eta, alpha = gates[:, :, 1], gates[:, :, 2]
+        ok = torch.ones_like(theta) if valid is None else valid.to(mdt)[..., None].expand_as(theta)
+        new_gates = torch.stack((theta, eta, alpha, ok), dim=-1).transpose(1, 2)  # (B, H, T, 4)
+
+        n_pending = state["pending_k"].shape[2]
+        keys = torch.cat((state["pending_k"], k), dim=2)
+        values = torch.cat((state["pending_v"], v), dim=2)
+        all_gates = torch.cat((state["pending_gates"], new_gates), dim=2)
+        total = keys.shape[2]
+        weights = self.weights(state)
+        momentum = self.weights(state, "s")
+        reads, surprises = [], []
+        b = self.chunk
+        start = 0
+        while start < total:
+            end = min(start + b, total)
+            first_new = max(start, n_pending)  # tokens before this are pending ones, already read
+            n_keys = end - start
+            queries = q[:, :, first_new - n_pending: end - n_pending]
+            out, inputs, pre = mlp_forward(weights, torch.cat((keys[:, :, start:end], queries), dim=2))
+            reads.append(out[:, :, n_keys:])
+            g = all_gates[:, :, start:end]
+            error = out[:, :, :n_keys] - values[:, :, start:end]
+            token_weight = g[..., 0] * g[..., 3] / b
+            grads, grad_norm = mlp_backward(
+                weights, [a[:, :, :n_keys] for a in inputs], [z[:, :, :n_keys] for z in pre], 2.0 * error, token_weight
+            )
+            surprises.append(grad_norm[:, :, first_new - start:])
+            if n_keys < b:  # incomplete chunk: read now, write when it fills
+                break
+            n_valid = g[..., 3].sum(-1)  # (B, H)
+            chunk_on = (n_valid > 0).to(mdt)[..., None, None]
+            denom = n_valid.clamp_min(1.0)
+            eta_c = ((g[..., 1] * g[..., 3]).sum(-1) / denom)[..., None, None]
+            alpha_c = ((g[..., 2] * g[..., 3]).sum(-1) / denom)[..., None, None]
+            for i in range(self.depth):
+                s = eta_c * momentum[i] - grads[i] if self.cfg.momentum else -grads[i]
+                w = (1.0 - alpha_c) * weights[i] + s if self.cfg.decay else weights[i] + s
+                # A chunk of padding only leaves the memory as it was.
+                momentum[i] = chunk_on * s + (1.0 - chunk_on) * momentum[i]
+                weights[i] = chunk_on * w + (1.0 - chunk_on) * weights[i]
+            start = end
+        new["pending_k"] = keys[:, :, start:]
+        new["pending_v"] = values[:, :, start:]
+        new["pending_gates"] = all_gates[:, :, start:]
+        for i in range(self.depth):
+            new[f"w{i}"] = weights[i]
+            new[f"s{i}"] = momentum[i]
+        new["seen"] = state["seen"] + x.shape[1]
+        read = torch.cat(reads, dim=2)
+        surprise = torch.cat(surprises, dim=2).mean(dim=1)
+        out = self._output(read, x)
+        if valid is not None:
+            out = out * valid[..., None].to(out.dtype)
+        return out.to(x.dtype), surprise, new
