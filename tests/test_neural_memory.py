@@ -1,0 +1,219 @@
+"""The chunked LMM update equals a naive token-by-token reference written with autograd (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_runtime.config import MemoryConfig
+from titans_runtime.model.neural_memory import NeuralMemory
+
+DIM = 24
+
+
+def make_memory(depth: int, chunk: int, momentum: bool = True, decay: bool = True, conv: int = 0,
+                segment: int | None = None) -> NeuralMemory:
+    torch.manual_seed(0)
+    cfg = MemoryConfig(heads=2, depth=depth, chunk_size=chunk, conv_kernel=conv, momentum=momentum, decay=decay,
+                       theta_init=0.3, eta_init=0.8, alpha_init=0.05)
+    mem = NeuralMemory(DIM, cfg, segment).double()
+    with torch.no_grad():  # data-dependent gates, an open output gate, a non-trivial conv
+        mem.to_gates.weight.normal_(0.0, 0.3)
+        mem.out_gate.weight.normal_(0.0, 0.1)
+        if conv:
+            for c in (mem.conv_q, mem.conv_k, mem.conv_v):
+                c.weight.normal_(0.0, 0.5)
+    return mem
+
+
+def reference_projection(mem: NeuralMemory, proj, conv, x: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """Linear -> causal depthwise conv (explicit loop) -> SiLU -> heads -> optional L2 norm."""
+    y = proj(x)
+    if conv is not None:
+        kernel = conv.weight[:, 0, :]  # (C, K)
+        padded = torch.cat((torch.zeros(y.shape[0], kernel.shape[1] - 1, y.shape[2], dtype=y.dtype), y), dim=1)
+        y = torch.stack([(padded[:, t:t + kernel.shape[1]] * kernel.T).sum(1) for t in range(y.shape[1])], dim=1)
+    y = F.silu(y).unflatten(-1, (mem.heads, mem.head_dim)).transpose(1, 2)
+    return F.normalize(y, dim=-1) if normalise else y
+
+
+def memory_mlp(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    for i, w in enumerate(weights):
+        x = x @ w
+        if i < len(weights) - 1:
+            x = F.silu(x)
+    return x
+
+
+def naive_reference(mem: NeuralMemory, x: torch.Tensor):
+    """Token by token: each token's gradient by autograd at its chunk-start weights, summed per chunk,
+    then momentum and decay once per chunk. Returns (outputs, surprise, final weights, final momentum)."""
+    cfg = mem.cfg
+    conv = cfg.conv_kernel > 1
+    q = reference_projection(mem, mem.to_q, mem.conv_q if conv else None, x, True)
+    k = reference_projection(mem, mem.to_k, mem.conv_k if conv else None, x, True)
+    v = reference_projection(mem, mem.to_v, mem.conv_v if conv else None, x, False)
+    gates = torch.sigmoid(mem.to_gates(x)).unflatten(-1, (3, mem.heads))
+    theta, eta, alpha = gates[:, :, 0] * cfg.theta_max, gates[:, :, 1], gates[:, :, 2]
+    batch, steps = x.shape[:2]
+    b = cfg.chunk_size
+    outputs = torch.zeros(batch, mem.heads, steps, mem.head_dim, dtype=x.dtype)
+    surprise = torch.zeros(batch, mem.heads, steps, dtype=x.dtype)
+    weights = [w.detach().clone().unsqueeze(0).repeat(batch, 1, 1, 1) for w in mem.initial_weights]
+    momentum = [torch.zeros_like(w) for w in weights]
+    for n in range(batch):
+        for h in range(mem.heads):
+            W = [w[n, h].clone() for w in weights]
+            S = [s[n, h].clone() for s in momentum]
+            for c0 in range(0, steps, b):
+                grads = [torch.zeros_like(w) for w in W]
+                chunk = range(c0, min(c0 + b, steps))
+                for t in chunk:
+                    outputs[n, h, t] = memory_mlp(W, q[n, h, t])
+                    with torch.enable_grad():
+                        leaves = [w.detach().requires_grad_(True) for w in W]
+                        loss = (memory_mlp(leaves, k[n, h, t]) - v[n, h, t]).pow(2).sum()
+                        token_grads = torch.autograd.grad(loss, leaves)
+                    surprise[n, h, t] = torch.sqrt(sum(g.pow(2).sum() for g in token_grads))
+                    for g_sum, g in zip(grads, token_grads):
+                        g_sum += theta[n, t, h] / b * g
+                if len(chunk) < b:
+                    break  # an incomplete chunk is read but not yet written
+                eta_c = eta[n, list(chunk), h].mean()
+                alpha_c = alpha[n, list(chunk), h].mean()
+                for i in range(len(W)):
+                    S[i] = (eta_c * S[i] if cfg.momentum else 0.0) - grads[i]
+                    W[i] = ((1 - alpha_c) * W[i] if cfg.decay else W[i]) + S[i]
+            for i in range(len(W)):
+                weights[i][n, h] = W[i]
+                momentum[i][n, h] = S[i]
+    out = mem._output(outputs, x)
+    return out, surprise.mean(1), weights, momentum
+
+
+CASES = [
+    dict(depth=1, chunk=1), dict(depth=1, chunk=4), dict(depth=1, chunk=5, momentum=False, decay=False),
+    dict(depth=2, chunk=4), dict(depth=2, chunk=8, momentum=False), dict(depth=2, chunk=3, decay=False),
+    dict(depth=3, chunk=4, conv=3), dict(depth=2, chunk=6, conv=4),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_chunked_update_equals_naive_token_loop(case):
+    mem = make_memory(**case)
+    x = torch.randn(2, 22, DIM, dtype=torch.float64)  # 22: the last chunk stays incomplete for most sizes
+    with torch.no_grad():
+        out, surprise, state = mem.update_and_retrieve(x, mem.initial_state(2, dtype=torch.float64))
+        ref_out, ref_surprise, ref_w, ref_s = naive_reference(mem, x)
+    torch.testing.assert_close(out, ref_out, atol=1e-8, rtol=0)
+    torch.testing.assert_close(surprise, ref_surprise, atol=1e-8, rtol=0)
+    for i in range(mem.depth):
+        torch.testing.assert_close(state[f"w{i}"], ref_w[i], atol=1e-8, rtol=0)
+        torch.testing.assert_close(state[f"s{i}"], ref_s[i], atol=1e-8, rtol=0)
+    assert state["pending_k"].shape[2] == 22 % case["chunk"]
+
+
+@pytest.mark.parametrize("splits", [[22], [1, 21], [3, 5, 7, 7], [8, 8, 6], [11, 11]])
+def test_any_split_of_the_stream_gives_the_same_memory(splits):
+    mem = make_memory(depth=2, chunk=4, conv=3)
+    x = torch.randn(1, sum(splits), DIM, dtype=torch.float64)
+    with torch.no_grad():
+        whole, whole_surprise, whole_state = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))
+        state, outs, surprises, start = mem.initial_state(1, dtype=torch.float64), [], [], 0
+        for n in splits:
+            out, s, state = mem.update_and_retrieve(x[:, start:start + n], state)
+            outs.append(out)
+            surprises.append(s)
+            start += n
+    torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.cat(surprises, 1), whole_surprise, atol=1e-10, rtol=0)
+    for key in whole_state:
+        torch.testing.assert_close(state[key], whole_state[key], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("conv", [0, 3])
+def test_retrieval_never_sees_its_own_chunk_or_later(conv):
+    mem = make_memory(depth=2, chunk=4, conv=conv)
+    x = torch.randn(1, 20, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        base, _, _ = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))
+        for t in (5, 8, 13, 19):
+            changed = x.clone()
+            changed[:, t] += torch.randn(DIM, dtype=torch.float64)
+            out, _, _ = mem.update_and_retrieve(changed, mem.initial_state(1, dtype=torch.float64))
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=0, rtol=0)  # the past is untouched
+            chunk_end = min((t // 4 + 1) * 4, 20)
+            if conv == 0:
+                # Later tokens of the same chunk read the chunk-start weights: token t is not in them yet.
+                torch.testing.assert_close(out[:, t + 1:chunk_end], base[:, t + 1:chunk_end], atol=0, rtol=0)
+            if chunk_end < 20:  # ...while the chunks after it do read what token t wrote
+                assert not torch.allclose(out[:, chunk_end:], base[:, chunk_end:])
+
+
+def test_reads_within_a_chunk_use_chunk_start_weights():
+    """With conv off, changing a token's key/value (not its query) leaves every read of its chunk as is."""
+    mem = make_memory(depth=2, chunk=4)
+    x = torch.randn(1, 16, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        state0 = mem.initial_state(1, dtype=torch.float64)
+        base, _, _ = mem.update_and_retrieve(x, state0)
+        # Tokens 4..7 read W_1: the weights after exactly the first chunk (tokens 0..3).
+        q = reference_projection(mem, mem.to_q, None, x, True)
+        _, _, state_after_4 = mem.update_and_retrieve(x[:, :4], mem.initial_state(1, dtype=torch.float64))
+        w = [state_after_4[f"w{i}"] for i in range(mem.depth)]
+        expected = mem._output(memory_mlp(w, q[:, :, 4:8]), x[:, 4:8])
+    torch.testing.assert_close(base[:, 4:8], expected, atol=1e-12, rtol=0)
+
+
+def test_mac_retrieve_reads_segment_start_weights():
+    mem = make_memory(depth=2, chunk=4, segment=8)
+    x = torch.randn(1, 16, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        state = mem.initial_state(1, dtype=torch.float64)
+        h0, state = mem.retrieve(x[:, :6], state)               # segment 0 starts: snapshot = initial weights
+        _, _, state = mem.update_and_retrieve(x[:, :6], state)  # one chunk written
+        h1, state = mem.retrieve(x[:, 6:8], state)              # still segment 0: still the initial weights
+        q = reference_projection(mem, mem.to_q, None, x, True)
+        init = [w.unsqueeze(0) for w in mem.initial_weights]
+        torch.testing.assert_close(h0, mem._output(memory_mlp(init, q[:, :, :6]), None), atol=1e-12, rtol=0)
+        torch.testing.assert_close(h1, mem._output(memory_mlp(init, q[:, :, 6:8]), None), atol=1e-12, rtol=0)
+        _, _, state = mem.update_and_retrieve(x[:, 6:8], state)
+        h2, state = mem.retrieve(x[:, 8:12], state)             # segment 1: the weights after 8 tokens
+        now = [state[f"w{i}"] for i in range(mem.depth)]
+        torch.testing.assert_close(h2, mem._output(memory_mlp(now, q[:, :, 8:12]), None), atol=1e-12, rtol=0)
+
+
+def test_padding_is_not_written():
+    mem = make_memory(depth=2, chunk=4)
+    x = torch.randn(1, 12, DIM, dtype=torch.float64)
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    valid[:, 8:] = False
+    with torch.no_grad():
+        _, _, padded = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64), valid)
+        _, _, short = mem.update_and_retrieve(x[:, :8], mem.initial_state(1, dtype=torch.float64))
+    for i in range(mem.depth):
+        torch.testing.assert_close(padded[f"w{i}"], short[f"w{i}"], atol=1e-12, rtol=0)
+
+
+def test_gradients_reach_projections_gates_and_initial_weights():
+    mem = make_memory(depth=2, chunk=4, conv=3)
+    x = torch.randn(2, 24, DIM, dtype=torch.float64)
+    state = mem.initial_state(2, dtype=torch.float64)
+    out1, _, state = mem.update_and_retrieve(x[:, :12], state)
+    out2, _, state = mem.update_and_retrieve(x[:, 12:], state)
+    # Only the later reads: their dependence on the early tokens runs through the test-time updates.
+    out2.pow(2).sum().backward()
+    for name in ("to_q.weight", "to_k.weight", "to_v.weight", "to_gates.weight", "to_gates.bias",
+                 "initial_weights.0", "initial_weights.1", "conv_k.weight", "out_proj.weight", "output_scale"):
+        grad = dict(mem.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_update_runs_under_no_grad_and_keeps_fp32_state_in_bf16_model():
+    torch.manual_seed(0)
+    mem = NeuralMemory(DIM, MemoryConfig(heads=2, depth=2, chunk_size=4)).to(torch.bfloat16)
+    state = mem.initial_state(1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, surprise, state = mem.update_and_retrieve(torch.randn(1, 10, DIM, dtype=torch.bfloat16), state)
+    assert out.dtype == torch.bfloat16 and state["w0"].dtype == torch.float32 and state["s1"].dtype == torch.float32
+    assert torch.isfinite(out.float()).all() and torch.isfinite(surprise).all()

@@ -1,0 +1,108 @@
+"""The training config (YAML, validated like the model config): model, data, optimiser, TBPTT, cadence."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from titans_runtime.dataconf import from_dict, read_yaml, to_dict
+from titans_runtime.errors import ConfigError
+
+PARAM_GROUPS = ("core", "memory", "persistent", "gates")
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=lambda: ["../shared/data/corpora"])  # files or folders
+    holdout_fraction: float = 0.1   # the tail of every file is held out for evaluation
+    synthetic_fraction: float = 0.5  # share of sequences built from long-range synthetic tasks
+    passkey_share: float = 0.5       # of the synthetic ones: pass-key facts (the rest: repeats after a gap)
+    passage_min: int = 24            # repeated passage length range (tokens)
+    passage_max: int = 96
+
+    def validate(self, path: str = "data") -> None:
+        _require(len(self.files) > 0, f"{path}.files", "needs at least one file or folder")
+        _require(0.0 < self.holdout_fraction < 1.0, f"{path}.holdout_fraction", "must lie strictly between 0 and 1")
+        _require(0.0 <= self.synthetic_fraction <= 1.0, f"{path}.synthetic_fraction", "must lie in [0, 1]")
+        _require(0.0 <= self.passkey_share <= 1.0, f"{path}.passkey_share", "must lie in [0, 1]")
+        _require(0 < self.passage_min <= self.passage_max, f"{path}.passage_min", "must be in 1..passage_max")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1        # on matrices only (not norms, biases, gates)
+    grad_clip: float = 1.0           # 0 = off
+
+    def validate(self, path: str = "optim") -> None:
+        _require(self.lr > 0, f"{path}.lr", "must be positive")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", "must lie in [0, 1]")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas", "two values in [0, 1)")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        _require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "configs/tiny.yaml"   # model config (relative to the training config's folder or cwd)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. {"variant": "mag"}
+    init: str | None = None            # model folder to start from (fine-tuning); None = from scratch
+    train: list[str] = field(default_factory=lambda: list(PARAM_GROUPS))  # parameter groups that learn
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000                  # optimiser steps (one per TBPTT window)
+    batch_size: int = 8
+    tbptt_segments: int = 8            # segments (of attention.segment_len tokens) per backward
+    windows_per_sequence: int = 2      # TBPTT windows a stream's state is carried over before it resets
+    eval_every: int = 100
+    eval_batches: int = 2
+    checkpoint_every: int = 100
+    log_every: int = 10
+    activation_checkpointing: bool = False
+    bf16: bool = True                  # autocast on GPU only; CPU always runs the model's dtype
+    seed: int = 0
+    threads: int = 0                   # torch threads on CPU; 0 = leave torch's default
+
+    def validate(self, path: str = "") -> None:
+        for group in self.train:
+            _require(group in PARAM_GROUPS, "train", f"unknown parameter group {group!r} (known: {', '.join(PARAM_GROUPS)})")
+        _require(len(self.train) > 0, "train", "needs at least one parameter group")
+        for key in ("steps", "batch_size", "tbptt_segments", "windows_per_sequence", "eval_every", "eval_batches",
+                    "checkpoint_every", "log_every"):
+            _require(getattr(self, key) > 0, key, "must be positive")
+        _require(self.threads >= 0, "threads", "must be >= 0")
+
+    @property
+    def sequence_segments(self) -> int:
+        return self.tbptt_segments * self.windows_per_sequence
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    data = read_yaml(path)
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_groups(text: str) -> list[str]:
+    """`memory,persistent` -> ["memory", "persistent"], checked against the known groups."""
+    groups = [g.strip() for g in text.split(",") if g.strip()]
+    for group in groups:
+        if group not in PARAM_GROUPS:
+            raise ConfigError(f"--train: unknown parameter group {group!r} (known: {', '.join(PARAM_GROUPS)})")
+    if not groups:
+        raise ConfigError("--train: needs at least one parameter group")
+    return groups
