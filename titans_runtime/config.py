@@ -214,15 +214,3 @@ def load_config(path: str | Path) -> TitansConfig:
         return config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def default_config() -> TitansConfig:
-    """The tiny CPU-sized default config (same values as configs/tiny.yaml)."""
-    return TitansConfig()
-
-
-def fields_of(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]

@@ -227,36 +227,41 @@ class NeuralMemory(nn.Module):
         total = keys.shape[2]
         weights = self.weights(state)
         momentum = self.weights(state, "s")
-        reads, surprises = [], []
         b = self.chunk
+        n_full = total // b
+        # Per-chunk gates for every complete chunk at once (fewer small ops inside the sequential loop).
+        full = all_gates[:, :, :n_full * b].unflatten(2, (n_full, b))  # (B, H, n_full, b, 4)
+        on = full[..., 3]
+        n_valid = on.sum(-1)
+        denom = n_valid.clamp_min(1.0)
+        eta_c = ((full[..., 1] * on).sum(-1) / denom)[..., None, None].unbind(2)
+        keep_c = (1.0 - (full[..., 2] * on).sum(-1) / denom)[..., None, None].unbind(2)
+        padded = bool((n_valid < b).any()) if n_full else False
+        chunk_on = (n_valid > 0).to(mdt)[..., None, None].unbind(2)
+        # d l_t / d M(k_t) = 2 (M(k_t) - v_t): the factor 2 goes into the token weights and the norms.
+        token_weight = all_gates[..., 0] * all_gates[..., 3] * (2.0 / b)
+        reads, surprises = [], []
         start = 0
-        while start < total:
-            end = min(start + b, total)
+        for c in range(n_full + (1 if total > n_full * b else 0)):
+            start, end = c * b, min((c + 1) * b, total)
             first_new = max(start, n_pending)  # tokens before this are pending ones, already read
             n_keys = end - start
             queries = q[:, :, first_new - n_pending: end - n_pending]
             out, inputs, pre = mlp_forward(weights, torch.cat((keys[:, :, start:end], queries), dim=2))
             reads.append(out[:, :, n_keys:])
-            g = all_gates[:, :, start:end]
             error = out[:, :, :n_keys] - values[:, :, start:end]
-            token_weight = g[..., 0] * g[..., 3] / b
-            grads, grad_norm = mlp_backward(
-                weights, [a[:, :, :n_keys] for a in inputs], [z[:, :, :n_keys] for z in pre], 2.0 * error, token_weight
-            )
-            surprises.append(grad_norm[:, :, first_new - start:])
-            if n_keys < b:  # incomplete chunk: read now, write when it fills
+            grads, grad_norm = mlp_backward(weights, [a[:, :, :n_keys] for a in inputs],
+                                            [z[:, :, :n_keys] for z in pre], error, token_weight[:, :, start:end])
+            surprises.append(2.0 * grad_norm[:, :, first_new - start:])
+            if c == n_full:  # incomplete chunk: read now, write when it fills
                 break
-            n_valid = g[..., 3].sum(-1)  # (B, H)
-            chunk_on = (n_valid > 0).to(mdt)[..., None, None]
-            denom = n_valid.clamp_min(1.0)
-            eta_c = ((g[..., 1] * g[..., 3]).sum(-1) / denom)[..., None, None]
-            alpha_c = ((g[..., 2] * g[..., 3]).sum(-1) / denom)[..., None, None]
             for i in range(self.depth):
-                s = eta_c * momentum[i] - grads[i] if self.cfg.momentum else -grads[i]
-                w = (1.0 - alpha_c) * weights[i] + s if self.cfg.decay else weights[i] + s
-                # A chunk of padding only leaves the memory as it was.
-                momentum[i] = chunk_on * s + (1.0 - chunk_on) * momentum[i]
-                weights[i] = chunk_on * w + (1.0 - chunk_on) * weights[i]
+                s = eta_c[c] * momentum[i] - grads[i] if self.cfg.momentum else -grads[i]
+                w = keep_c[c] * weights[i] + s if self.cfg.decay else weights[i] + s
+                if padded:  # a chunk of padding only leaves the memory as it was
+                    s = chunk_on[c] * s + (1.0 - chunk_on[c]) * momentum[i]
+                    w = chunk_on[c] * w + (1.0 - chunk_on[c]) * weights[i]
+                momentum[i], weights[i] = s, w
             start = end
         new["pending_k"] = keys[:, :, start:]
         new["pending_v"] = values[:, :, start:]
