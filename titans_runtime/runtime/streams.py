@@ -1,8 +1,8 @@
 """Input streams: text files read lazily in blocks, tokenized, cut into fixed-length segments.
 
 A stream is never held whole in memory: the file is read in blocks of `block_size` bytes (1 MiB by
-default), each block is tokenized on its own, and segments of `segment_len` tokens are cut from the
-token sequence (the last one may be shorter). Each segment carries a `Cursor` that says where to resume
+default, 64 KiB for subword tokenizers), each block is tokenized on its own, and segments of
+`segment_len` tokens are cut from the token sequence (the last one may be shorter). Each segment carries a `Cursor` that says where to resume
 to get the segments after it, so a run restarted from a checkpointed segment boundary yields exactly the
 segments an uninterrupted read would have yielded.
 
@@ -10,7 +10,8 @@ Block cuts (why resume is exact):
 - Byte tokenizer: a token is a byte, so blocks may start anywhere; the token offset equals the byte
   offset and a cursor is just that offset.
 - Text (subword) tokenizers: a block is the `block_size` bytes read from its start offset, cut after
-  the last newline in it (else the last space or tab, else the last whole UTF-8 character). The next
+  the last newline in it (else the last space or tab, else the last whole UTF-8 character; a
+  separator in the block's second half is preferred, so blocks stay large). The next
   block starts at the cut. Block boundaries therefore depend only on the block's start offset, and a
   cursor is (start offset of a block, tokens of that block already used). Tokens near a cut can differ
   from tokenizing the whole file at once (e.g. sentencepiece adds its word-start marker at the start of
@@ -31,7 +32,10 @@ from titans_runtime.model.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 1 << 20  # bytes read (and tokenized) at a time
+DEFAULT_BLOCK_SIZE = 1 << 20  # bytes read (and tokenized) at a time with the byte tokenizer
+# Subword tokenizers: smaller blocks, because sentencepiece slows down on long strings (1 MiB in one call
+# takes ~2x longer than in 64 KiB pieces), while a cut every 64 KiB changes a token about once per cut.
+TEXT_BLOCK_SIZE = 64 << 10
 _CUT_BYTES = (b"\n", b" ", b"\t")  # preferred block cuts for text tokenizers, best first
 NUL = b"\0"
 
@@ -50,7 +54,7 @@ class Cursor:
     skip_tokens: int = 0
     token_offset: int = 0
     seq_no: int = 0
-    block_size: int = DEFAULT_BLOCK_SIZE
+    block_size: int = 0  # the block size the cursor was made with; 0 = the stream's
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -66,10 +70,7 @@ class Cursor:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InputError(f"stream cursor: {key} must be a non-negative integer, got {value!r}")
             values[key] = value
-        cursor = cls(**values)
-        if cursor.block_size <= 0:
-            raise InputError("stream cursor: block_size must be positive")
-        return cursor
+        return cls(**values)
 
 
 @dataclass
@@ -102,11 +103,12 @@ def _utf8_length(lead: int) -> int:
 
 def _text_cut(data: bytes) -> int:
     """Length of the part of a full block to tokenize now: up to and including the last newline (else
-    space or tab), else all whole UTF-8 characters."""
-    for sep in _CUT_BYTES:
-        at = data.rfind(sep)
-        if at >= 0:
-            return at + 1
+    space or tab; one in the second half of the block first), else all whole UTF-8 characters."""
+    for lowest in (len(data) // 2, 0):
+        for sep in _CUT_BYTES:
+            at = data.rfind(sep, lowest)
+            if at >= 0:
+                return at + 1
     end = len(data)
     start = end - 1  # find the lead byte of the last character
     while start > 0 and end - start < 4 and (data[start] & 0xC0) == 0x80:
@@ -120,12 +122,12 @@ class TextStream:
     """One input file as a lazy sequence of token segments."""
 
     def __init__(self, path: str, stream_id: str, tokenizer: Any, segment_len: int,
-                 block_size: int = DEFAULT_BLOCK_SIZE, allow_binary: bool = False):
+                 block_size: int | None = None, allow_binary: bool = False):
         self.path = path
         self.stream_id = stream_id
         self.tokenizer = tokenizer
         self.segment_len = segment_len
-        self.block_size = block_size
+        self.block_size = block_size or default_block_size(tokenizer)
         self.allow_binary = allow_binary
         self.byte_level = _is_byte_tokenizer(tokenizer)
         self.size_bytes = os.path.getsize(path)
@@ -160,7 +162,11 @@ class TextStream:
             f.seek(offset)
             rest = b""  # bytes read past the last cut: the start of the next block
             while True:
-                data = rest + f.read(block_size - len(rest))
+                try:
+                    data = rest + f.read(block_size - len(rest))
+                except OSError as e:
+                    raise InputError(f"{self.path}: read failed at byte {offset + len(rest)} "
+                                     f"({e.strerror or e})") from None
                 if not data:
                     return
                 full = len(data) == block_size
@@ -172,18 +178,19 @@ class TextStream:
     # ---------------------------------------------------------------------------------------- segments
     def segments(self, start: Cursor | None = None) -> Iterator[Segment]:
         """Fixed-length segments from `start` (the beginning by default); the last may be shorter."""
-        cursor = start or Cursor(block_size=self.block_size)
+        cursor = start or Cursor()
+        block_size = cursor.block_size or self.block_size
         if cursor.byte_offset > self.size_bytes:
             raise InputError(f"{self.path}: resume offset {cursor.byte_offset} is past the end of the file "
                              f"({self.size_bytes} bytes); was the file changed?")
         seq_no, token_offset = cursor.seq_no, cursor.token_offset
-        blocks = self.blocks(cursor.byte_offset, cursor.block_size)
-        block_start, block_end, tokens = next(blocks, (cursor.byte_offset, cursor.byte_offset, None))
-        pos = cursor.skip_tokens
-        if pos and (tokens is None or pos > len(tokens)):
-            raise InputError(f"{self.path}: resume cursor skips {pos} tokens of a block that has "
-                             f"{0 if tokens is None else len(tokens)}; was the file or the tokenizer changed?")
+        blocks = self.blocks(cursor.byte_offset, block_size)
         try:
+            block_start, block_end, tokens = next(blocks, (cursor.byte_offset, cursor.byte_offset, None))
+            pos = cursor.skip_tokens
+            if pos and (tokens is None or pos > len(tokens)):
+                raise InputError(f"{self.path}: resume cursor skips {pos} tokens of a block that has "
+                                 f"{0 if tokens is None else len(tokens)}; was the file or the tokenizer changed?")
             while tokens is not None:
                 pieces, have = [], 0
                 while have < self.segment_len and tokens is not None:
@@ -197,11 +204,12 @@ class TextStream:
                 if not have:
                     return
                 if self.byte_level:  # any byte can start a block: point exactly at the next token
-                    after = Cursor(block_start + pos, 0, token_offset + have, seq_no + 1, cursor.block_size)
+                    after = Cursor(block_start + pos, 0, token_offset + have, seq_no + 1, block_size)
                 else:
-                    after = Cursor(block_start, pos, token_offset + have, seq_no + 1, cursor.block_size)
-                segment_tokens = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-                yield Segment(self.stream_id, seq_no, token_offset, token_offset + have, segment_tokens.clone(), after)
+                    after = Cursor(block_start, pos, token_offset + have, seq_no + 1, block_size)
+                # A copy, so that a segment held in flight does not keep its whole block alive.
+                segment_tokens = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+                yield Segment(self.stream_id, seq_no, token_offset, token_offset + have, segment_tokens, after)
                 seq_no, token_offset = seq_no + 1, token_offset + have
         finally:
             blocks.close()  # the file is closed even when the reader stops early
@@ -248,12 +256,20 @@ def _expand(path: str) -> list[str]:
     return sorted(found)
 
 
-def open_streams(paths: list[str], tokenizer: Any, segment_len: int, block_size: int = DEFAULT_BLOCK_SIZE,
+def default_block_size(tokenizer: Any) -> int:
+    return DEFAULT_BLOCK_SIZE if _is_byte_tokenizer(tokenizer) else TEXT_BLOCK_SIZE
+
+
+def open_streams(paths: list[str], tokenizer: Any, segment_len: int, block_size: int | None = None,
                  allow_binary: bool = False) -> list[TextStream]:
     """Streams for files and directories (a directory gives its text files, sorted; empty or binary files
     inside it are skipped). Every problem is an InputError of one line naming the path.
 
+    block_size: bytes read and tokenized at a time (None: by tokenizer, see default_block_size); a
+    resume cursor carries the block size it was made with.
     allow_binary: stream files with NUL bytes as raw bytes (byte tokenizer only)."""
+    if block_size is None:
+        block_size = default_block_size(tokenizer)
     if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len <= 0:
         raise InputError(f"segment length must be a positive integer, got {segment_len!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16:
@@ -297,4 +313,5 @@ def stream_by_id(streams: list[TextStream]) -> dict[str, TextStream]:
     return {s.stream_id: s for s in streams}
 
 
-__all__ = ["Cursor", "Segment", "TextStream", "open_streams", "stream_by_id", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["Cursor", "Segment", "TextStream", "open_streams", "stream_by_id", "default_block_size",
+           "DEFAULT_BLOCK_SIZE", "TEXT_BLOCK_SIZE"]
