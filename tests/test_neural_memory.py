@@ -12,10 +12,10 @@ DIM = 24
 
 
 def make_memory(depth: int, chunk: int, momentum: bool = True, decay: bool = True, conv: int = 0,
-                segment: int | None = None) -> NeuralMemory:
+                segment: int | None = None, anchor: int = 1) -> NeuralMemory:
     torch.manual_seed(0)
     cfg = MemoryConfig(heads=2, depth=depth, chunk_size=chunk, conv_kernel=conv, momentum=momentum, decay=decay,
-                       theta_init=0.3, eta_init=0.8, alpha_init=0.05)
+                       theta_init=0.3, eta_init=0.8, alpha_init=0.05, anchor_every=anchor)
     mem = NeuralMemory(DIM, cfg, segment).double()
     with torch.no_grad():  # data-dependent gates, an open output gate, a non-trivial conv
         mem.to_gates.weight.normal_(0.0, 0.3)
@@ -66,12 +66,14 @@ def naive_reference(mem: NeuralMemory, x: torch.Tensor):
             W = [w[n, h].clone() for w in weights]
             S = [s[n, h].clone() for s in momentum]
             for c0 in range(0, steps, b):
+                if (c0 // b) % cfg.anchor_every == 0:
+                    anchor = [w.clone() for w in W]  # gradients of the next anchor_every chunks are taken here
                 grads = [torch.zeros_like(w) for w in W]
                 chunk = range(c0, min(c0 + b, steps))
                 for t in chunk:
                     outputs[n, h, t] = memory_mlp(W, q[n, h, t])
                     with torch.enable_grad():
-                        leaves = [w.detach().requires_grad_(True) for w in W]
+                        leaves = [w.detach().requires_grad_(True) for w in anchor]
                         loss = (memory_mlp(leaves, k[n, h, t]) - v[n, h, t]).pow(2).sum()
                         token_grads = torch.autograd.grad(loss, leaves)
                     surprise[n, h, t] = torch.sqrt(sum(g.pow(2).sum() for g in token_grads))
@@ -95,6 +97,7 @@ CASES = [
     dict(depth=1, chunk=1), dict(depth=1, chunk=4), dict(depth=1, chunk=5, momentum=False, decay=False),
     dict(depth=2, chunk=4), dict(depth=2, chunk=8, momentum=False), dict(depth=2, chunk=3, decay=False),
     dict(depth=3, chunk=4, conv=3), dict(depth=2, chunk=6, conv=4),
+    dict(depth=2, chunk=2, anchor=3), dict(depth=1, chunk=4, anchor=2, conv=3), dict(depth=2, chunk=3, anchor=8),
 ]
 
 
@@ -113,9 +116,10 @@ def test_chunked_update_equals_naive_token_loop(case):
     assert state["pending_k"].shape[2] == 22 % case["chunk"]
 
 
+@pytest.mark.parametrize("anchor", [1, 3])
 @pytest.mark.parametrize("splits", [[22], [1, 21], [3, 5, 7, 7], [8, 8, 6], [11, 11]])
-def test_any_split_of_the_stream_gives_the_same_memory(splits):
-    mem = make_memory(depth=2, chunk=4, conv=3)
+def test_any_split_of_the_stream_gives_the_same_memory(splits, anchor):
+    mem = make_memory(depth=2, chunk=2, conv=3, anchor=anchor)
     x = torch.randn(1, sum(splits), DIM, dtype=torch.float64)
     with torch.no_grad():
         whole, whole_surprise, whole_state = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))

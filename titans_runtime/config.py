@@ -100,6 +100,8 @@ class MemoryConfig:
     depth: int = 2                   # MLP depth; 1 = linear memory
     hidden_mult: float = 2.0         # hidden width of the memory MLP, times the head dim
     chunk_size: int = 16             # mini-batch of tokens per gradient step
+    anchor_every: int = 1            # chunks per gradient anchor; 1 = exact mini-batch descent (default),
+                                     # k > 1 takes k chunks' gradients at one set of weights (faster)
     conv_kernel: int = 4             # causal depthwise conv on q/k/v; 0 = off
     momentum: bool = True            # eta-gated momentum of past surprise
     decay: bool = True               # alpha-gated forgetting
@@ -122,6 +124,7 @@ class MemoryConfig:
         _require(self.depth >= 1, _join(path, "depth"), "must be at least 1")
         _require(self.hidden_mult > 0, _join(path, "hidden_mult"), "must be positive")
         _require(self.chunk_size > 0, _join(path, "chunk_size"), "must be positive")
+        _require(self.anchor_every >= 1, _join(path, "anchor_every"), "must be at least 1")
         _require(self.conv_kernel >= 0, _join(path, "conv_kernel"), "must be >= 0")
         _require(self.theta_max > 0, _join(path, "theta_max"), "must be positive")
         for key in ("theta_init", "eta_init", "alpha_init"):

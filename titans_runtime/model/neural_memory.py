@@ -62,7 +62,7 @@ def mlp_backward(
 ) -> tuple[list[Tensor], Tensor]:
     """Gradients of sum_t token_weight_t * l_t for each weight, and each token's gradient norm.
 
-    out_grad: dl_t/d(output_t), (B, H, n, d_L); token_weight: (B, H, n).
+    out_grad: the output error (proportional to dl_t/d(output_t)), (..., n, d_L); token_weight: (..., n).
     The per-token gradient of a weight is an outer product a_t^T delta_t, so its norm is
     ||a_t|| * ||delta_t|| and the weighted sum over the chunk is one matmul."""
     grads: list[Tensor] = [None] * len(weights)  # type: ignore[list-item]
@@ -240,29 +240,60 @@ class NeuralMemory(nn.Module):
         chunk_on = (n_valid > 0).to(mdt)[..., None, None].unbind(2)
         # d l_t / d M(k_t) = 2 (M(k_t) - v_t): the factor 2 goes into the token weights and the norms.
         token_weight = all_gates[..., 0] * all_gates[..., 3] * (2.0 / b)
+        anchor_every = self.cfg.anchor_every
+        written = (int(state["seen"]) - n_pending) // b  # complete chunks already in the weights
+        anchor = self.weights(state, "anchor_w") if anchor_every > 1 and written % anchor_every else None
         reads, surprises = [], []
-        start = 0
-        for c in range(n_full + (1 if total > n_full * b else 0)):
-            start, end = c * b, min((c + 1) * b, total)
+        n_chunks = n_full + (1 if total > n_full * b else 0)
+        c = 0
+        while c < n_chunks:
+            start = c * b
             first_new = max(start, n_pending)  # tokens before this are pending ones, already read
-            n_keys = end - start
-            queries = q[:, :, first_new - n_pending: end - n_pending]
-            out, inputs, pre = mlp_forward(weights, torch.cat((keys[:, :, start:end], queries), dim=2))
-            reads.append(out[:, :, n_keys:])
-            error = out[:, :, :n_keys] - values[:, :, start:end]
-            grads, grad_norm = mlp_backward(weights, [a[:, :, :n_keys] for a in inputs],
-                                            [z[:, :, :n_keys] for z in pre], error, token_weight[:, :, start:end])
+            if anchor_every == 1:
+                # Exact mini-batch descent: read and take gradients at the same (current) weights.
+                end = min(start + b, total)
+                n_keys = end - start
+                queries = q[:, :, first_new - n_pending: end - n_pending]
+                out, inputs, pre = mlp_forward(weights, torch.cat((keys[:, :, start:end], queries), dim=2))
+                reads.append(out[:, :, n_keys:])
+                grads, grad_norm = mlp_backward(
+                    weights, [a[:, :, :n_keys] for a in inputs], [z[:, :, :n_keys] for z in pre],
+                    out[:, :, :n_keys] - values[:, :, start:end], token_weight[:, :, start:end])
+                grads = [g.unsqueeze(2) for g in grads]
+                run = 1
+            else:
+                # Anchored: every chunk of a window of `anchor_every` chunks takes its gradient at the
+                # window-start weights, so all of them are one batched backward.
+                if (written + c) % anchor_every == 0:
+                    anchor = list(weights)
+                run = 1 if c == n_full else min(n_full - c, anchor_every - (written + c) % anchor_every)
+                end = min(start + run * b, total)
+                span = (end - start) // run
+                window = [w.unsqueeze(2) for w in anchor]
+                run_keys, run_values, run_weight = (
+                    t[:, :, start:end].unflatten(2, (run, span)) for t in (keys, values, token_weight))
+                out, inputs, pre = mlp_forward(window, run_keys)
+                grads, grad_norm = mlp_backward(window, inputs, pre, out - run_values, run_weight)
+                grad_norm = grad_norm.flatten(2, 3)
             surprises.append(2.0 * grad_norm[:, :, first_new - start:])
-            if c == n_full:  # incomplete chunk: read now, write when it fills
-                break
-            for i in range(self.depth):
-                s = eta_c[c] * momentum[i] - grads[i] if self.cfg.momentum else -grads[i]
-                w = keep_c[c] * weights[i] + s if self.cfg.decay else weights[i] + s
-                if padded:  # a chunk of padding only leaves the memory as it was
-                    s = chunk_on[c] * s + (1.0 - chunk_on[c]) * momentum[i]
-                    w = chunk_on[c] * w + (1.0 - chunk_on[c]) * weights[i]
-                momentum[i], weights[i] = s, w
-            start = end
+            for j in range(run):
+                if anchor_every > 1:  # reads at the current weights, chunk by chunk
+                    lo, hi = max(start + j * b, n_pending), min(start + (j + 1) * b, total)
+                    reads.append(mlp_forward(weights, q[:, :, lo - n_pending: hi - n_pending])[0])
+                if c + j == n_full:  # incomplete chunk: read now, write when it fills
+                    break
+                for i in range(self.depth):
+                    s = eta_c[c + j] * momentum[i] - grads[i][:, :, j] if self.cfg.momentum else -grads[i][:, :, j]
+                    w = keep_c[c + j] * weights[i] + s if self.cfg.decay else weights[i] + s
+                    if padded:  # a chunk of padding only leaves the memory as it was
+                        s = chunk_on[c + j] * s + (1.0 - chunk_on[c + j]) * momentum[i]
+                        w = chunk_on[c + j] * w + (1.0 - chunk_on[c + j]) * weights[i]
+                    momentum[i], weights[i] = s, w
+            c += run
+        start = n_full * b
+        if anchor is not None:
+            for i, w in enumerate(anchor):
+                new[f"anchor_w{i}"] = w
         new["pending_k"] = keys[:, :, start:]
         new["pending_v"] = values[:, :, start:]
         new["pending_gates"] = all_gates[:, :, start:]
