@@ -46,7 +46,8 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, theta, scaling), persistent=False)
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: (B, H, T, D); positions: (T,) absolute stream positions."""
@@ -133,12 +134,16 @@ class Attention(nn.Module):
             return self.wo(out.transpose(1, 2).flatten(2)), knowledge
         extra_keys, extra_values = repeat_kv(extra_keys, rep), repeat_kv(extra_values, rep)
         n_extra = extra_keys.shape[2]
-        # Two probe channels appended to the values measure the softmax mass on persistent / memory tokens.
-        probe = torch.zeros(*extra_values.shape[:3], 2, dtype=q.dtype, device=q.device)
+        # Three probe channels appended to the values measure the softmax mass on persistent / memory /
+        # window tokens. The window's share is measured, not taken as 1 - extra mass: when the extra tokens
+        # dominate the softmax, that difference cancels and a closed gate no longer removes them exactly.
+        probe = torch.zeros(*extra_values.shape[:3], 3, dtype=q.dtype, device=q.device)
         probe[..., :n_persistent, 0] = 1.0
         probe[..., n_persistent:, 1] = 1.0
+        window_probe = torch.zeros(*values.shape[:3], 3, dtype=q.dtype, device=q.device)
+        window_probe[..., 2] = 1.0
         joint_values = torch.cat(
-            (torch.cat((extra_values, probe), -1), F.pad(values, (0, 2))), dim=2
+            (torch.cat((extra_values, probe), -1), torch.cat((values, window_probe), -1)), dim=2
         )
         joint_keys = torch.cat((extra_keys, keys), dim=2)
         rows = max(extra_mask.shape[0], mask.shape[0])
@@ -147,6 +152,7 @@ class Attention(nn.Module):
         )
         joint = F.scaled_dot_product_attention(q, joint_keys, joint_values, attn_mask=joint_mask)
         out_joint, mass_p, mass_h = joint[..., :dim], joint[..., dim], joint[..., dim + 1]
+        window_share = joint[..., dim + 2]
         gate = self.extra_gate.clamp(min=0.0).to(q.dtype)[None, :, None]
         ungated = not torch.is_grad_enabled() or not self.extra_gate.requires_grad
         if ungated and bool((self.extra_gate == 1).all()):
@@ -156,7 +162,6 @@ class Attention(nn.Module):
             # window-only attention: out = (A + g B) / (Za + g Zb), divided through by (Za + Zb).
             out_window = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             mass_extra = mass_p + mass_h
-            window_share = 1.0 - mass_extra
             extra_part = out_joint - window_share[..., None] * out_window
             denom = (window_share + gate * mass_extra).clamp_min(torch.finfo(q.dtype).tiny)
             out = (window_share[..., None] * out_window + gate[..., None] * extra_part) / denom[..., None]
