@@ -35,6 +35,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", config
     cfg = config or load_config(directory / CONFIG_FILE)
     model = TitanModel(cfg)
     state = load_file(str(weights), device=str(device))
+    expected = model.state_dict()
+    for name, tensor in state.items():  # load_state_dict would raise a many-line error instead
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise InputError(f"{weights}: weight '{name}' has shape {tuple(tensor.shape)}, "
+                             f"{directory / CONFIG_FILE if config is None else 'the config'} implies {tuple(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         name = (missing or unexpected)[0]
