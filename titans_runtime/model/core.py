@@ -168,7 +168,7 @@ class Core(nn.Module):
             if is_memory and self.variant == "lmm":
                 x = x + memory.update_and_retrieve(i, a)()
             elif is_memory and self.variant == "mac":
-                h = layer.attention_norm(memory.retrieve(i, a))  # normed like every attention input
+                h = memory.retrieve(i, a)
                 y, kn = self._attend(i, a, positions, state, new, p_kv, h, valid)
                 x = x + y + memory.update_and_retrieve(i, y)()
             elif is_memory and self.variant == "mag":

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 ALLOCATION_BLOCK = 512      # the CUDA caching allocator rounds every block up to 512 bytes
-SHADOW_LIMIT = 1 << 16      # tensors up to this many elements keep a real value beside the fake one
+SHADOW_LIMIT = 4096         # tensors up to this many elements keep a real value beside the fake one
 
 _aten = torch.ops.aten
 
@@ -35,13 +35,21 @@ class LiveBytesTracer(TorchDispatchMode):
         self.peak = 0
         self._storages: dict[int, int] = {}
         self._shadows = WeakTensorKeyDictionary()
+        # Debugging aid: with debug on, `at_peak` lists (creating op, shape, dtype; bytes) of the storages
+        # live at the peak (since the last reset_peak), which is how the planner's formulas were read off.
+        self.debug = False
+        self._current = ""
+        self._origin: dict[int, str] = {}
+        self.at_peak: list[tuple[str, int]] = []
 
     # ------------------------------------------------------------------------------------- counting
     def reset_peak(self) -> None:
         self.peak = self.live
+        self._origin.clear()
 
     def _free(self, key: int) -> None:
         self.live -= self._storages.pop(key, 0)
+        self._origin.pop(key, None)
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -51,7 +59,12 @@ class LiveBytesTracer(TorchDispatchMode):
         nbytes = _rounded(storage.nbytes())
         self._storages[key] = nbytes
         self.live += nbytes
-        self.peak = max(self.peak, self.live)
+        if self.debug:
+            self._origin[key] = f"{self._current} {tuple(t.shape)} {t.dtype}"
+        if self.live > self.peak:
+            self.peak = self.live
+            if self.debug:
+                self.at_peak = [(self._origin.get(k, "?"), n) for k, n in self._storages.items()]
         weakref.finalize(storage, self._free, key)
 
     # -------------------------------------------------------------------------------------- shadows
@@ -84,10 +97,16 @@ class LiveBytesTracer(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _aten._local_scalar_dense.default:
             shadow = self._shadows.get(args[0])
+            if shadow is None and args[0].dtype == torch.bool:
+                # A flag computed from real data (e.g. "is any chunk padded?"): fake tensors hold no data,
+                # and the traced segment has no padding, so the flag is False.
+                return False
             if shadow is None:
                 raise RuntimeError("a data-dependent read of a tensor without a known value under fake tensors")
             with unset_fake_temporarily():
                 return shadow.item()
+        if self.debug:
+            self._current = str(func)
         out = func(*args, **kwargs)
         try:
             self._run_shadow(func, args, kwargs, out)

@@ -24,6 +24,9 @@ class DataConfig:
     passkey_share: float = 0.5       # of the synthetic ones: pass-key facts (the rest: repeats after a gap)
     passage_min: int = 24            # repeated passage length range (tokens)
     passage_max: int = 96
+    # Smallest gap between a passage and its repeat, in attention windows. Gaps shorter than a TBPTT
+    # window let the gradient reach the memory writes; longer ones train reading only.
+    min_gap_windows: float = 1.0
 
     def validate(self, path: str = "data") -> None:
         _require(len(self.files) > 0, f"{path}.files", "needs at least one file or folder")
@@ -31,6 +34,7 @@ class DataConfig:
         _require(0.0 <= self.synthetic_fraction <= 1.0, f"{path}.synthetic_fraction", "must lie in [0, 1]")
         _require(0.0 <= self.passkey_share <= 1.0, f"{path}.passkey_share", "must lie in [0, 1]")
         _require(0 < self.passage_min <= self.passage_max, f"{path}.passage_min", "must be in 1..passage_max")
+        _require(self.min_gap_windows >= 0, f"{path}.min_gap_windows", "must be >= 0")
 
 
 @dataclass
