@@ -1,0 +1,235 @@
+"""Training: the loss goes down, resume is exact, TBPTT/checkpointing/freezing do what they say."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from titans_runtime.config import TitansConfig, config_from_dict
+from titans_runtime.errors import ConfigError
+from titans_runtime.model.titans import TitanModel
+from titans_runtime.model.tokenizer import ByteTokenizer
+from titans_runtime.training.config import DataConfig, TrainConfig, load_train_config
+from titans_runtime.training.data import Corpus, load_corpus, passkey_example, repeat_sequence
+from titans_runtime.training.loop import Trainer, parameter_group, sequence_loss
+from titans_runtime.training.schedule import learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+
+MICRO = {
+    "name": "micro", "variant": "mac", "dtype": "float32", "tokenizer": "byte",
+    "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 256, "multiple_of": 16},
+    "attention": {"window": 16, "segment_len": 16},
+    "memory": {"layers": [1], "heads": 2, "depth": 2, "chunk_size": 8, "conv_kernel": 2},
+    "persistent": {"n_tokens": 2, "n_tasks": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro_setup(tmp_path: Path, **overrides) -> TrainConfig:
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 3000))
+    (tmp_path / "corpus.txt").write_text(text)
+    model_path = tmp_path / "micro.yaml"
+    config_from_dict(MICRO).save(model_path)
+    cfg = TrainConfig(model=str(model_path), data=DataConfig(files=[str(tmp_path / "corpus.txt")], passage_min=4,
+                                                             passage_max=12),
+                      steps=6, batch_size=2, tbptt_segments=2, windows_per_sequence=2, eval_every=100,
+                      eval_batches=1, checkpoint_every=100, seed=3)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.optim.warmup_steps = 2
+    return cfg
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cfg = micro_setup(tmp_path, steps=30)
+    cfg.optim.lr = 1e-2
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = trainer.evaluate()["text_loss"]
+    results = trainer.run()
+    after = trainer.evaluate()["text_loss"]
+    assert len(results) == 30 and trainer.step == 30
+    assert after < before - 0.5, (before, after)
+    assert np.mean([r.loss for r in results[-5:]]) < np.mean([r.loss for r in results[:5]])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 31))
+    assert any("eval" in r for r in log)  # the last step always evaluates
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = micro_setup(tmp_path, steps=6)
+    straight = Trainer(cfg, tmp_path / "a")
+    losses_a = [r.loss for r in straight.run()]
+    first = Trainer(cfg, tmp_path / "b")
+    losses_b = [r.loss for r in first.run(stop_at=3)]  # step 3 is mid-sequence: the carried state is saved
+    assert first.carried is not None
+    resumed = Trainer(cfg, tmp_path / "b")
+    resumed.resume()
+    assert resumed.step == 3
+    losses_b += [r.loss for r in resumed.run()]
+    assert losses_a == losses_b
+    for (name, pa), pb in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_tbptt_carries_memory_between_windows(tmp_path):
+    """The second window starts from the first window's (detached) state, not a fresh one."""
+    cfg = micro_setup(tmp_path)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_step()
+    carried = trainer.carried
+    assert carried is not None and carried.position == cfg.tbptt_segments * 16
+    assert all(not t.requires_grad for t in carried.to_flat().values())
+    fresh = trainer.model.initial_state(cfg.batch_size)
+    assert not torch.equal(carried.memory["1"]["w0"], fresh.memory["1"]["w0"])
+    trainer.train_step()
+    assert trainer.carried is None  # end of the sequence: the next one starts fresh
+
+
+def test_gradient_reaches_memory_written_earlier_in_the_window():
+    """Loss on the second segment has a gradient w.r.t. the memory's key projection through the fast
+    weights written in the first segment (the outer loop learns what to write)."""
+    torch.manual_seed(0)
+    model = TitanModel(config_from_dict({**MICRO, "dtype": "float64"}))
+    tokens = torch.randint(0, 256, (1, 33))
+    loss, _ = sequence_loss(model, tokens[:, :17], model.initial_state(1), 16)  # one segment: read only
+    state = model.initial_state(1)
+    _, state = sequence_loss(model, tokens[:, :17], state, 16)
+    second, _ = sequence_loss(model, tokens[:, 16:33], state, 16)
+    to_k = model.memory.memories["1"].to_k.weight
+    (g,) = torch.autograd.grad(second, to_k)
+    assert g.abs().max() > 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = TitanModel(config_from_dict({**MICRO, "dtype": "float64"}))
+    tokens = torch.randint(0, 256, (2, 49))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        loss, _ = sequence_loss(model, tokens, model.initial_state(2), 16, checkpointing)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_groups_stay_fixed(tmp_path):
+    cfg = micro_setup(tmp_path, steps=2, train=["memory", "persistent"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    for name, param in trainer.model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == (parameter_group(name) in ("memory", "persistent")), name
+
+
+def test_parameter_groups():
+    assert parameter_group("core.layers.0.attention.wq.weight") == "core"
+    assert parameter_group("persistent.output.weight") == "core"  # the LM head belongs to the backbone
+    assert parameter_group("persistent.banks") == "persistent"
+    assert parameter_group("memory.memories.1.to_k.weight") == "memory"
+    assert parameter_group("memory.memories.1.out_gate.weight") == "gates"
+    assert parameter_group("memory.memories.1.output_scale") == "gates"
+    assert parameter_group("core.layers.1.attention.extra_gate") == "gates"
+
+
+def test_schedule_warmup_then_cosine():
+    assert learning_rate(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert learning_rate(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 1.0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_synthetic_tasks():
+    rng = np.random.default_rng(0)
+    text = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz" * 40), dtype=torch.int32)
+    corpus = Corpus(["t"], [text], [text])
+    seq = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20), min_gap=128)
+    assert seq.numel() == 400
+    tok = ByteTokenizer()
+    ex = passkey_example(tok, "12345", torch.tensor(list(b"hay " * 10)))
+    assert tok.decode(ex.tokens[ex.answer_start:ex.answer_end].tolist()) == "12345"
+    assert tok.decode(ex.tokens[:ex.answer_start].tolist()).endswith("What is the pass key? The pass key is ")
+    assert tok.decode(ex.tokens.tolist()).startswith("The pass key is 12345.")
+
+
+def test_corpus_holdout_is_the_tail(tmp_path):
+    (tmp_path / "a.txt").write_text("0123456789" * 10)
+    corpus = load_corpus([str(tmp_path / "a.txt")], ByteTokenizer(), 0.1)
+    assert corpus.train[0].numel() == 90 and corpus.heldout[0].numel() == 10
+    assert bytes(corpus.heldout[0].tolist()) == b"0123456789"
+
+
+def test_shipped_training_configs_load():
+    for path in sorted((REPO / "configs" / "train").glob("*.yaml")):
+        load_train_config(path)
+
+
+def test_bad_config_is_one_line_error(tmp_path, capsys):
+    from titans_runtime.cli.train import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 10\nbatchsize: 3\n")
+    assert main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "batchsize" in err and "\n" not in err
+    good = REPO / "configs" / "train" / "default.yaml"
+    assert main(["--config", str(good), "--out", str(tmp_path / "o"), "--train", "memory,brain"]) == 2
+    assert "brain" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        TrainConfig(train=["core"], steps=0).validate()
+
+
+def test_non_finite_window_is_skipped(tmp_path, monkeypatch):
+    """A diverged window leaves the weights and optimiser untouched and restarts the stream state."""
+    import titans_runtime.training.loop as loop
+
+    cfg = micro_setup(tmp_path, steps=4)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_step()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    real = loop.sequence_loss
+    monkeypatch.setattr(loop, "sequence_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), a[2]))
+    res = trainer.train_step()
+    assert math.isnan(res.loss) and trainer.skipped == 1 and trainer.carried is None and trainer.step == 2
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    monkeypatch.setattr(loop, "sequence_loss", real)
+    assert math.isfinite(trainer.train_step().loss)
+
+
+def test_cli_fine_tunes_a_model_folder_with_the_backbone_frozen(tmp_path):
+    """`--init FOLDER --train memory,persistent`: the converted-LLaMA path; the backbone stays as loaded."""
+    import yaml
+
+    from titans_runtime.cli.train import main
+    from titans_runtime.model.checkpoint import load_model, save_model
+
+    cfg = micro_setup(tmp_path, steps=2)
+    torch.manual_seed(5)
+    save_model(TitanModel(config_from_dict(MICRO)), tmp_path / "base")
+    data = cfg.to_dict()
+    data.pop("model")
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(data))
+    assert main(["--config", str(tmp_path / "ft.yaml"), "--out", str(tmp_path / "run"), "--init", str(tmp_path / "base"),
+                 "--train", "memory,persistent", "--export", str(tmp_path / "tuned"), "--quiet"]) == 0
+    base, tuned = load_model(tmp_path / "base"), load_model(tmp_path / "tuned")
+    for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b) == (parameter_group(name) not in ("memory", "persistent")), name

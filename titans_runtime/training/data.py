@@ -1,0 +1,156 @@
+"""Training data: corpora read through the runtime's lazy stream reader (tail of every file held out),
+mixed with synthetic long-range tasks that only a memory reaching past the attention window can solve:
+
+- repeat after a gap: a passage A, unrelated text, then A again;
+- pass-key facts: "The pass key is 12345. Remember it. ..." haystack "... What is the pass key? The pass
+  key is 12345."
+
+Every sequence is a pure function of (seed, sequence index), so a resumed run sees exactly the data an
+uninterrupted one would have seen: the data position is just the step number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from titans_runtime.errors import InputError
+from titans_runtime.runtime.streams import open_streams
+from titans_runtime.training.config import DataConfig
+
+READ_SEGMENT = 1 << 16  # tokens per segment when reading a corpus file through the stream reader
+
+
+@dataclass
+class Corpus:
+    """Token ids of each file, split into a training head and a held-out tail."""
+
+    names: list[str]
+    train: list[Tensor]
+    heldout: list[Tensor]
+
+    def parts(self, split: str) -> list[Tensor]:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"unknown split {split!r}")
+        return self.train if split == "train" else self.heldout
+
+    def sample(self, rng: np.random.Generator, length: int, split: str = "train") -> Tensor:
+        """A random contiguous slice of `length` tokens (a file is picked in proportion to its size)."""
+        parts = [p for p in self.parts(split) if p.numel() > length]
+        if not parts:
+            raise InputError(f"no {split} text longer than {length} tokens in {', '.join(self.names)}")
+        sizes = np.array([p.numel() for p in parts], dtype=np.float64)
+        part = parts[int(rng.choice(len(parts), p=sizes / sizes.sum()))]
+        start = int(rng.integers(0, part.numel() - length))
+        return part[start:start + length].to(torch.long)
+
+
+def read_tokens(path_or_stream: Any) -> Tensor:
+    """All token ids of one stream, read lazily block by block and stored compactly."""
+    pieces = [seg.tokens.to(torch.int32) for seg in path_or_stream.segments()]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+
+
+def load_corpus(paths: list[str], tokenizer: Any, holdout_fraction: float) -> Corpus:
+    """Read every text file under `paths`; the last `holdout_fraction` of each is held out."""
+    streams = open_streams(list(paths), tokenizer, READ_SEGMENT)
+    names, train, heldout = [], [], []
+    for stream in streams:
+        tokens = read_tokens(stream)
+        cut = int(round(tokens.numel() * (1.0 - holdout_fraction)))
+        names.append(stream.stream_id)
+        train.append(tokens[:cut])
+        heldout.append(tokens[cut:])
+    return Corpus(names, train, heldout)
+
+
+# ------------------------------------------------------------------------------------- synthetic tasks
+def passkey_texts(key: str) -> tuple[str, str, str]:
+    """(needle, question, answer) of the pass-key task; the answer follows the question directly."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is "
+    return needle, question, key
+
+
+def random_key(rng: np.random.Generator) -> str:
+    return f"{int(rng.integers(10000, 100000))}"
+
+
+def encode(tokenizer: Any, text: str) -> Tensor:
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+@dataclass
+class PassKeyExample:
+    tokens: Tensor          # needle + haystack + question + answer
+    answer_start: int       # index of the first answer token in `tokens`
+    answer_end: int
+
+
+def passkey_example(tokenizer: Any, key: str, haystack: Tensor) -> PassKeyExample:
+    needle, question, answer = passkey_texts(key)
+    head = torch.cat((encode(tokenizer, needle), haystack, encode(tokenizer, question)))
+    ans = encode(tokenizer, answer)
+    return PassKeyExample(torch.cat((head, ans)), head.numel(), head.numel() + ans.numel())
+
+
+def _fill(corpus: Corpus, rng: np.random.Generator, length: int, split: str) -> Tensor:
+    return corpus.sample(rng, length, split) if length > 0 else torch.zeros(0, dtype=torch.long)
+
+
+def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int,
+                    split: str = "train") -> Tensor:
+    """text, A, gap text (>= min_gap where it fits), A again, text: `length` tokens."""
+    la = int(rng.integers(cfg.passage_min, cfg.passage_max + 1))
+    la = min(la, max(1, length // 3))
+    room = length - 2 * la
+    gap = int(rng.integers(min(min_gap, room), room + 1))
+    lead = int(rng.integers(0, room - gap + 1))
+    passage = corpus.sample(rng, la, split)
+    parts = [_fill(corpus, rng, lead, split), passage, _fill(corpus, rng, gap, split), passage,
+             _fill(corpus, rng, room - gap - lead, split)]
+    return torch.cat(parts)
+
+
+def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int,
+                     split: str = "train") -> Tensor:
+    """text, needle, haystack, question + answer, text: `length` tokens."""
+    key = random_key(rng)
+    empty = passkey_example(tokenizer, key, torch.zeros(0, dtype=torch.long))
+    room = length - empty.tokens.numel()
+    if room < 0:
+        return corpus.sample(rng, length, split)
+    hay = int(rng.integers(0, room + 1))
+    lead = int(rng.integers(0, room - hay + 1))
+    example = passkey_example(tokenizer, key, _fill(corpus, rng, hay, split))
+    return torch.cat((_fill(corpus, rng, lead, split), example.tokens, _fill(corpus, rng, room - hay - lead, split)))
+
+
+def build_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int, cfg: DataConfig,
+                   min_gap: int, split: str = "train") -> Tensor:
+    """One training sequence: plain text or a synthetic long-range task, chosen by the mix in `cfg`."""
+    if rng.random() >= cfg.synthetic_fraction:
+        return corpus.sample(rng, length, split)
+    if rng.random() < cfg.passkey_share:
+        return passkey_sequence(corpus, tokenizer, rng, length, split)
+    return repeat_sequence(corpus, rng, length, cfg, min_gap, split)
+
+
+class SequenceBatches:
+    """Batch `index` = `batch_size` sequences of `length` tokens, each a function of (seed, id) only."""
+
+    def __init__(self, corpus: Corpus, tokenizer: Any, cfg: DataConfig, batch_size: int, length: int,
+                 min_gap: int, seed: int, split: str = "train"):
+        self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, cfg
+        self.batch_size, self.length, self.min_gap, self.seed, self.split = batch_size, length, min_gap, seed, split
+
+    def __getitem__(self, index: int) -> Tensor:
+        rows = []
+        for row in range(self.batch_size):
+            rng = np.random.default_rng([self.seed, index, row])
+            seq = build_sequence(self.corpus, self.tokenizer, rng, self.length, self.cfg, self.min_gap, self.split)
+            rows.append(seq)
+        return torch.stack(rows)
