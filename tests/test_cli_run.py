@@ -246,7 +246,7 @@ def _bad_cases(files, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "generate without prompt": ([*model, "--stream", files.book1, "--generate", "5"], "--prompt"),
         "bad segment length": ([*model, "--stream", files.book1, "--segment-len", "0"], "--segment-len"),
         "unknown option": ([*model, "--stream", files.book1, "--bogus"], "--bogus"),
-        "no stream": (model, "no input"),
+        "resume without stream or generate": ([*model, "--resume", str(no_index)], "no input"),
         "plan over budget": ([*model, "--stream", files.book1, "--hardware", str(hardware)], "over budget"),
     }
 
@@ -326,3 +326,20 @@ def test_200k_token_stream_runs_in_bounded_memory(tmp_path, monkeypatch):
     for process in ("driver", *sorted(STAGES)):
         grown = max(m[process] for m in late) - max(m[process] for m in early)
         assert grown < 64 * 2 ** 20, f"{process} resident memory grew by {grown / 2 ** 20:.0f} MB"
+
+
+def test_no_stream_runs_the_shipped_sample(files, tmp_path, monkeypatch, capsys):
+    """The README's main command has no --stream: it reads the sample text shipped in the package."""
+    import titans_runtime.cli.run as run_module
+
+    assert run_module.SAMPLE_STREAM.is_file() and run_module.SAMPLE_STREAM.stat().st_size > 10_000
+    sample = tmp_path / "sample.txt"
+    sample.write_bytes(run_module.SAMPLE_STREAM.read_bytes()[:300])  # the shipped text, kept short here
+    monkeypatch.setattr(run_module, "SAMPLE_STREAM", sample)
+    metrics = tmp_path / "metrics.jsonl"
+    code = main(["--model", str(files.model), "--single-process", "--no-progress", "--metrics-out", str(metrics)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "shipped sample text" in captured.err
+    records = read_jsonl(metrics)
+    assert {r["stream"] for r in records} == {str(sample)} and records[-1]["token_end"] == 300

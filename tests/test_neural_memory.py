@@ -12,10 +12,10 @@ DIM = 24
 
 
 def make_memory(depth: int, chunk: int, momentum: bool = True, decay: bool = True, conv: int = 0,
-                segment: int | None = None, anchor: int = 1) -> NeuralMemory:
+                segment: int | None = None, anchor: int = 1, cap: float | None = None) -> NeuralMemory:
     torch.manual_seed(0)
     cfg = MemoryConfig(heads=2, depth=depth, chunk_size=chunk, conv_kernel=conv, momentum=momentum, decay=decay,
-                       theta_init=0.3, eta_init=0.8, alpha_init=0.05, anchor_every=anchor)
+                       theta_init=0.3, eta_init=0.8, alpha_init=0.05, anchor_every=anchor, max_update_norm=cap)
     mem = NeuralMemory(DIM, cfg, segment).double()
     with torch.no_grad():  # data-dependent gates, an open output gate, a non-trivial conv
         mem.to_gates.weight.normal_(0.0, 0.3)
@@ -81,6 +81,9 @@ def naive_reference(mem: NeuralMemory, x: torch.Tensor):
                         g_sum += theta[n, t, h] / b * g
                 if len(chunk) < b:
                     break  # an incomplete chunk is read but not yet written
+                if cfg.max_update_norm is not None:  # the chunk's whole update, capped in norm
+                    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+                    grads = [g * min(1.0, cfg.max_update_norm / float(norm)) for g in grads]
                 eta_c = eta[n, list(chunk), h].mean()
                 alpha_c = alpha[n, list(chunk), h].mean()
                 for i in range(len(W)):
@@ -98,6 +101,7 @@ CASES = [
     dict(depth=2, chunk=4), dict(depth=2, chunk=8, momentum=False), dict(depth=2, chunk=3, decay=False),
     dict(depth=3, chunk=4, conv=3), dict(depth=2, chunk=6, conv=4),
     dict(depth=2, chunk=2, anchor=3), dict(depth=1, chunk=4, anchor=2, conv=3), dict(depth=2, chunk=3, anchor=8),
+    dict(depth=2, chunk=4, cap=0.5), dict(depth=1, chunk=2, cap=1.0, anchor=3),  # caps that bind on some chunks
 ]
 
 
@@ -185,6 +189,37 @@ def test_mac_retrieve_reads_segment_start_weights():
         h2, state = mem.retrieve(x[:, 8:12], state)             # segment 1: the weights after 8 tokens
         now = [state[f"w{i}"] for i in range(mem.depth)]
         torch.testing.assert_close(h2, mem._output(memory_mlp(now, q[:, :, 8:12]), None), atol=1e-12, rtol=0)
+
+
+def test_update_cap_bounds_every_chunk_step_and_binds_here():
+    """The capped cases above are exact against the reference; here: the cap really limits the steps."""
+    x = torch.randn(1, 32, DIM, dtype=torch.float64) * 3
+    steps = {}
+    for cap in (None, 0.05):
+        mem = make_memory(depth=2, chunk=4, momentum=False, decay=False, cap=cap)
+        state = mem.initial_state(1, dtype=torch.float64)
+        norms = []
+        with torch.no_grad():
+            for chunk in x.split(4, dim=1):
+                _, _, new = mem.update_and_retrieve(chunk, state)
+                diff = sum((new[f"w{i}"] - state[f"w{i}"]).pow(2).sum((-2, -1)) for i in range(mem.depth)).sqrt()
+                norms.append(diff)
+                state = new
+        steps[cap] = torch.stack(norms)
+    assert steps[None].max() > 0.05                      # uncapped steps are larger than the cap...
+    assert steps[0.05].max() <= 0.05 + 1e-12             # ...capped ones never exceed it
+
+
+def test_induction_prior_makes_each_key_the_previous_query():
+    """induction_init: the key written at token t+1 equals the query at token t (same projection, one more
+    token of lag), so a repeated context reads what followed it."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(DIM, MemoryConfig(heads=2, depth=2, chunk_size=4, conv_kernel=4, induction_init=True)).double()
+    x = torch.randn(1, 12, DIM, dtype=torch.float64)
+    q = reference_projection(mem, mem.to_q, mem.conv_q, x, True)
+    k = reference_projection(mem, mem.to_k, mem.conv_k, x, True)
+    torch.testing.assert_close(k[:, :, 1:], q[:, :, :-1], atol=1e-12, rtol=0)
+    assert not torch.allclose(k, q)
 
 
 def test_padding_is_not_written():

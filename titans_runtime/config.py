@@ -106,6 +106,8 @@ class MemoryConfig:
     momentum: bool = True            # eta-gated momentum of past surprise
     decay: bool = True               # alpha-gated forgetting
     theta_max: float = 1.0           # step size = theta_max * sigmoid(.)
+    max_update_norm: float | None = None  # cap on one chunk's update norm per head (None = uncapped)
+    induction_init: bool = False     # init: keys see the tokens just before the query's (see NeuralMemory)
     theta_init: float = 0.1
     eta_init: float = 0.9
     alpha_init: float = 0.001
@@ -127,6 +129,10 @@ class MemoryConfig:
         _require(self.anchor_every >= 1, _join(path, "anchor_every"), "must be at least 1")
         _require(self.conv_kernel >= 0, _join(path, "conv_kernel"), "must be >= 0")
         _require(self.theta_max > 0, _join(path, "theta_max"), "must be positive")
+        if self.max_update_norm is not None:
+            _require(self.max_update_norm > 0, _join(path, "max_update_norm"), "must be positive (or null)")
+        if self.induction_init:
+            _require(self.conv_kernel >= 2, _join(path, "induction_init"), "needs conv_kernel >= 2")
         for key in ("theta_init", "eta_init", "alpha_init"):
             val = getattr(self, key)
             _require(0.0 < val < 1.0, _join(path, key), "must lie strictly between 0 and 1")

@@ -32,6 +32,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+SAMPLE_STREAM = Path(__file__).resolve().parents[1] / "assets" / "sample.txt"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="titans-run", description=__doc__.split("\n\n")[0])
     p.add_argument("--stream", action="append", default=[], metavar="PATH",
@@ -83,8 +86,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0")
     if args.config and args.model:
         raise InputError("give --model (trained weights) or --config (random init), not both")
-    if not args.stream and not (args.resume and args.generate):
-        raise InputError("no input: give --stream FILE (or --resume DIR with --generate N)")
+    if not args.stream and not args.resume:
+        # The README's first command: the shipped model over the shipped sample text.
+        args.stream = [str(SAMPLE_STREAM)]
+        print(f"no --stream given: reading the shipped sample text {SAMPLE_STREAM}", file=sys.stderr)
+    elif not args.stream and not args.generate:
+        raise InputError("no input: --resume DIR needs --stream FILE (to continue) or --generate N")
     if args.generate and not args.prompt:
         raise InputError("--generate needs --prompt TEXT (the text to continue)")
     if args.single_process and args.address:

@@ -113,6 +113,8 @@ class NeuralMemory(nn.Module):
             self.conv_q = CausalDepthwiseConv(self.dim, cfg.conv_kernel)
             self.conv_k = CausalDepthwiseConv(self.dim, cfg.conv_kernel)
             self.conv_v = CausalDepthwiseConv(self.dim, cfg.conv_kernel)
+            if cfg.induction_init:
+                self._init_induction_prior()
         # Data-dependent gates per head: step size theta, momentum eta, forgetting alpha.
         self.to_gates = nn.Linear(model_dim, 3 * cfg.heads)
         nn.init.zeros_(self.to_gates.weight)
@@ -133,6 +135,19 @@ class NeuralMemory(nn.Module):
         nn.init.zeros_(self.out_gate.bias)
         # Output gate scale: 0 closes the memory exactly (a converted LLaMA starts closed), learnable.
         self.output_scale = nn.Parameter(torch.full((model_dim,), float(cfg.output_gate_init)))
+
+    @torch.no_grad()
+    def _init_induction_prior(self) -> None:
+        """Start q and k as the same projection, channel c of the query looking back lag_c tokens and the
+        key lag_c + 1: the key written at token t then describes the context just before t, the query at
+        t describes the context ending at t, so a repeated context reads the value (token) that followed
+        it last time. Only the starting point: training moves every weight from here."""
+        kernel = self.cfg.conv_kernel
+        self.to_k.weight.copy_(self.to_q.weight)
+        lag = torch.arange(self.dim) % (kernel - 1)
+        for conv, shift in ((self.conv_q, 0), (self.conv_k, 1)):
+            conv.weight.zero_()
+            conv.weight[torch.arange(self.dim), 0, kernel - 1 - lag - shift] = 1.0
 
     @property
     def depth(self) -> int:
@@ -184,6 +199,16 @@ class NeuralMemory(nn.Module):
         if x is None:
             return out
         return out * torch.sigmoid(self.out_gate(x)) * self.output_scale
+
+    def _bounded(self, grads: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:
+        """A chunk's update, its norm (per stream and head, over all layers) capped at max_update_norm:
+        a burst of surprise moves the fast weights a bounded step, so the inner loop cannot run away."""
+        cap = self.cfg.max_update_norm
+        if cap is None:
+            return list(grads)
+        norm = sum(g.pow(2).sum((-2, -1)) for g in grads).clamp_min(1e-24).sqrt()  # clamp: finite backward at 0
+        scale = (cap / norm).clamp(max=1.0)[..., None, None]
+        return [g * scale for g in grads]
 
     # ------------------------------------------------------------------------------------ operations
     def retrieve(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -243,53 +268,56 @@ class NeuralMemory(nn.Module):
         anchor_every = self.cfg.anchor_every
         written = (int(state["seen"]) - n_pending) // b  # complete chunks already in the weights
         anchor = self.weights(state, "anchor_w") if anchor_every > 1 and written % anchor_every else None
-        reads, surprises = [], []
         n_chunks = n_full + (1 if total > n_full * b else 0)
-        c = 0
+        # Runs of chunks that share one gradient anchor (one chunk each for exact descent). Every tensor is
+        # split once up front: slicing it per chunk would make each chunk's backward zero-fill the whole.
+        runs, c = [], 0
         while c < n_chunks:
+            run = 1 if anchor_every == 1 or c == n_full else min(n_full - c, anchor_every - (written + c) % anchor_every)
+            runs.append((c, run))
+            c += run
+        run_tokens = [min((c + run) * b, total) - c * b for c, run in runs]
+        key_runs, value_runs, weight_runs = (t.split(run_tokens, dim=2) for t in (keys, values, token_weight))
+        # Queries of the new tokens per chunk (pending tokens were read when they arrived).
+        q_chunks = q.split([min(s + b, total) - max(s, n_pending) for s in range(0, total, b)], dim=2)
+        reads, surprises = [], []
+        for (c, run), run_keys, run_values, run_weight in zip(runs, key_runs, value_runs, weight_runs):
             start = c * b
-            first_new = max(start, n_pending)  # tokens before this are pending ones, already read
             if anchor_every == 1:
                 # Exact mini-batch descent: read and take gradients at the same (current) weights.
-                end = min(start + b, total)
-                n_keys = end - start
-                queries = q[:, :, first_new - n_pending: end - n_pending]
-                out, inputs, pre = mlp_forward(weights, torch.cat((keys[:, :, start:end], queries), dim=2))
+                n_keys = run_keys.shape[2]
+                out, inputs, pre = mlp_forward(weights, torch.cat((run_keys, q_chunks[c]), dim=2))
                 reads.append(out[:, :, n_keys:])
                 grads, grad_norm = mlp_backward(
                     weights, [a[:, :, :n_keys] for a in inputs], [z[:, :, :n_keys] for z in pre],
-                    out[:, :, :n_keys] - values[:, :, start:end], token_weight[:, :, start:end])
-                grads = [g.unsqueeze(2) for g in grads]
-                run = 1
+                    out[:, :, :n_keys] - run_values, run_weight)
+                chunk_grads = [grads]
             else:
                 # Anchored: every chunk of a window of `anchor_every` chunks takes its gradient at the
                 # window-start weights, so all of them are one batched backward.
                 if (written + c) % anchor_every == 0:
                     anchor = list(weights)
-                run = 1 if c == n_full else min(n_full - c, anchor_every - (written + c) % anchor_every)
-                end = min(start + run * b, total)
-                span = (end - start) // run
+                span = run_keys.shape[2] // run
                 window = [w.unsqueeze(2) for w in anchor]
-                run_keys, run_values, run_weight = (
-                    t[:, :, start:end].unflatten(2, (run, span)) for t in (keys, values, token_weight))
-                out, inputs, pre = mlp_forward(window, run_keys)
-                grads, grad_norm = mlp_backward(window, inputs, pre, out - run_values, run_weight)
+                out, inputs, pre = mlp_forward(window, run_keys.unflatten(2, (run, span)))
+                grads, grad_norm = mlp_backward(window, inputs, pre, out - run_values.unflatten(2, (run, span)),
+                                                run_weight.unflatten(2, (run, span)))
                 grad_norm = grad_norm.flatten(2, 3)
-            surprises.append(2.0 * grad_norm[:, :, first_new - start:])
+                chunk_grads = list(zip(*(g.unbind(2) for g in grads)))
+            surprises.append(2.0 * grad_norm[:, :, max(start, n_pending) - start:])
             for j in range(run):
                 if anchor_every > 1:  # reads at the current weights, chunk by chunk
-                    lo, hi = max(start + j * b, n_pending), min(start + (j + 1) * b, total)
-                    reads.append(mlp_forward(weights, q[:, :, lo - n_pending: hi - n_pending])[0])
+                    reads.append(mlp_forward(weights, q_chunks[c + j])[0])
                 if c + j == n_full:  # incomplete chunk: read now, write when it fills
                     break
+                step = self._bounded(chunk_grads[j])
                 for i in range(self.depth):
-                    s = eta_c[c + j] * momentum[i] - grads[i][:, :, j] if self.cfg.momentum else -grads[i][:, :, j]
+                    s = eta_c[c + j] * momentum[i] - step[i] if self.cfg.momentum else -step[i]
                     w = keep_c[c + j] * weights[i] + s if self.cfg.decay else weights[i] + s
                     if padded:  # a chunk of padding only leaves the memory as it was
                         s = chunk_on[c + j] * s + (1.0 - chunk_on[c + j]) * momentum[i]
                         w = chunk_on[c + j] * w + (1.0 - chunk_on[c + j]) * weights[i]
                     momentum[i], weights[i] = s, w
-            c += run
         start = n_full * b
         if anchor is not None:
             for i, w in enumerate(anchor):

@@ -130,7 +130,9 @@ class Trainer:
         self.model_cfg = self.model.config
         self.segment_len = self.model_cfg.attention.segment_len
         self.optimizer = make_optimizer(self.model, self.cfg)
-        self.tokenizer = load_tokenizer(self.model_cfg.tokenizer)
+        # A relative tokenizer path belongs to the model folder (a converted LLaMA keeps its tokenizer there).
+        model_dir = resolve_path(self.cfg.init, self.config_dir) if self.cfg.init is not None else self.config_dir
+        self.tokenizer = load_tokenizer(self.model_cfg.tokenizer, model_dir)
         files = [str(resolve_path(f, self.config_dir)) for f in self.cfg.data.files]
         self.corpus: Corpus = load_corpus(files, self.tokenizer, self.cfg.data.holdout_fraction)
         self.window_len = self.cfg.tbptt_segments * self.segment_len
