@@ -101,6 +101,8 @@ CASES = [
     dict(depth=2, chunk=4), dict(depth=2, chunk=8, momentum=False), dict(depth=2, chunk=3, decay=False),
     dict(depth=3, chunk=4, conv=3), dict(depth=2, chunk=6, conv=4),
     dict(depth=2, chunk=2, anchor=3), dict(depth=1, chunk=4, anchor=2, conv=3), dict(depth=2, chunk=3, anchor=8),
+    dict(depth=2, chunk=2, anchor=4, momentum=False), dict(depth=2, chunk=2, anchor=5, decay=False),
+    dict(depth=2, chunk=1, anchor=20, conv=3),  # a run of 20 chunks: three chained scan spans
     dict(depth=2, chunk=4, cap=0.5), dict(depth=1, chunk=2, cap=1.0, anchor=3),  # caps that bind on some chunks
 ]
 
@@ -222,8 +224,9 @@ def test_induction_prior_makes_each_key_the_previous_query():
     assert not torch.allclose(k, q)
 
 
-def test_padding_is_not_written():
-    mem = make_memory(depth=2, chunk=4)
+@pytest.mark.parametrize("anchor", [1, 4])
+def test_padding_is_not_written(anchor):
+    mem = make_memory(depth=2, chunk=4, anchor=anchor)
     x = torch.randn(1, 12, DIM, dtype=torch.float64)
     valid = torch.ones(1, 12, dtype=torch.bool)
     valid[:, 8:] = False
@@ -232,6 +235,7 @@ def test_padding_is_not_written():
         _, _, short = mem.update_and_retrieve(x[:, :8], mem.initial_state(1, dtype=torch.float64))
     for i in range(mem.depth):
         torch.testing.assert_close(padded[f"w{i}"], short[f"w{i}"], atol=1e-12, rtol=0)
+        torch.testing.assert_close(padded[f"s{i}"], short[f"s{i}"], atol=1e-12, rtol=0)
 
 
 def test_gradients_reach_projections_gates_and_initial_weights():
@@ -256,3 +260,26 @@ def test_update_runs_under_no_grad_and_keeps_fp32_state_in_bf16_model():
         out, surprise, state = mem.update_and_retrieve(torch.randn(1, 10, DIM, dtype=torch.bfloat16), state)
     assert out.dtype == torch.bfloat16 and state["w0"].dtype == torch.float32 and state["s1"].dtype == torch.float32
     assert torch.isfinite(out.float()).all() and torch.isfinite(surprise).all()
+
+
+@pytest.mark.parametrize("anchor", [1, 3])
+def test_blocked_calls_with_recomputation_equal_one_pass_values_and_gradients(anchor):
+    """block_tokens: a long call runs in blocks, each recomputed in backward; outputs, state and every
+    parameter gradient equal the unblocked pass."""
+    x = torch.randn(2, 29, DIM, dtype=torch.float64)
+    results = {}
+    for block in (None, 7):
+        mem = make_memory(depth=2, chunk=3, conv=3, anchor=anchor)
+        mem.cfg.block_tokens = block
+        state = mem.initial_state(2, dtype=torch.float64)
+        out, surprise, new = mem.update_and_retrieve(x, state)
+        loss = out.pow(2).sum() + new["w1"].pow(2).sum() + surprise.sum()
+        grads = torch.autograd.grad(loss, list(mem.parameters()))
+        results[block] = (out.detach(), surprise.detach(), {k: v.detach() for k, v in new.items()}, grads)
+    (out0, s0, st0, g0), (out1, s1, st1, g1) = results[None], results[7]
+    torch.testing.assert_close(out1, out0, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s1, s0, atol=1e-10, rtol=0)
+    for key in st0:
+        torch.testing.assert_close(st1[key], st0[key], atol=1e-10, rtol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)

@@ -108,6 +108,9 @@ class MemoryConfig:
     theta_max: float = 1.0           # step size = theta_max * sigmoid(.)
     max_update_norm: float | None = None  # cap on one chunk's update norm per head (None = uncapped)
     induction_init: bool = False     # init: keys see the tokens just before the query's (see NeuralMemory)
+    empty_init: bool = False         # init: the memory MLP's last layer is zero, a fresh memory reads 0
+    block_tokens: int | None = 1024  # a longer call runs in blocks of this many tokens (exact), each
+                                     # recomputed in backward: memory bounded by one block; None = off
     theta_init: float = 0.1
     eta_init: float = 0.9
     alpha_init: float = 0.001
@@ -131,6 +134,8 @@ class MemoryConfig:
         _require(self.theta_max > 0, _join(path, "theta_max"), "must be positive")
         if self.max_update_norm is not None:
             _require(self.max_update_norm > 0, _join(path, "max_update_norm"), "must be positive (or null)")
+        if self.block_tokens is not None:
+            _require(self.block_tokens > 0, _join(path, "block_tokens"), "must be positive (or null)")
         if self.induction_init:
             _require(self.conv_kernel >= 2, _join(path, "induction_init"), "needs conv_kernel >= 2")
         for key in ("theta_init", "eta_init", "alpha_init"):

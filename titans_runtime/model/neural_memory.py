@@ -16,14 +16,17 @@ torch.no_grad() as well. An incomplete trailing chunk stays pending in the state
 from __future__ import annotations
 
 import math
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from titans_runtime.config import MemoryConfig
 
 MemoryState = dict[str, Tensor]
+SCAN_SPAN = 8  # chunks per parallel span of the anchored recurrence (matmul cost grows with the span)
 
 
 def _logit(p: float) -> float:
@@ -129,6 +132,11 @@ class NeuralMemory(nn.Module):
             nn.Parameter(torch.randn(cfg.heads, d_in, d_out) / math.sqrt(d_in))
             for d_in, d_out in zip(sizes[:-1], sizes[1:])
         )
+        if cfg.empty_init:
+            # Every read is then what this stream wrote: the outer loop cannot settle for using the initial
+            # weights as one more static MLP and ignoring the test-time updates.
+            with torch.no_grad():
+                self.initial_weights[-1].zero_()
         self.out_proj = nn.Linear(self.dim, model_dim, bias=False)
         self.out_gate = nn.Linear(model_dim, model_dim)
         nn.init.zeros_(self.out_gate.weight)
@@ -210,6 +218,49 @@ class NeuralMemory(nn.Module):
         scale = (cap / norm).clamp(max=1.0)[..., None, None]
         return [g * scale for g in grads]
 
+    def _scan_run(self, weights: list[Tensor], momentum: list[Tensor], grads: list[Tensor], eta: Tensor,
+                  keep: Tensor, on: Tensor, padded: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The chunk recurrence S_r = eta_r S_{r-1} - G_r, W_r = keep_r W_{r-1} + S_r over a run of R chunks
+        whose gradients are all known (anchored): spans of SCAN_SPAN chunks as two lower-triangular
+        matmuls each (cost R * span, not R^2), the spans chained.
+
+        grads: per layer (B, H, R, d_in, d_out); eta, keep, on: (B, H, R). Returns the weights each chunk
+        reads (per layer (B, H, R, d_in, d_out): W_{r-1}), and the final weights and momentum."""
+        steps = self._bounded(grads)
+        if padded:  # a chunk of padding leaves the memory as it was: no step, eta = keep = 1
+            steps = [g * on[..., None, None] for g in steps]
+            eta, keep = on * eta + (1.0 - on), on * keep + (1.0 - on)
+        if not self.cfg.decay:
+            keep = torch.ones_like(keep)
+        spans = list(range(0, eta.shape[-1], SCAN_SPAN))
+        reads: list[list[Tensor]] = [[] for _ in weights]
+        weights, momentum = list(weights), list(momentum)
+        for lo in spans:
+            hi = lo + SCAN_SPAN
+            lower = torch.ones(eta[..., lo:hi].shape[-1], eta[..., lo:hi].shape[-1], dtype=torch.bool,
+                               device=eta.device).tril()
+
+            def transfer(factor: Tensor) -> tuple[Tensor, Tensor]:
+                # T[r, j] = prod_{i=j+1..r} factor_i (j <= r), T0[r] = prod_{i<=r} factor_i, in log space.
+                logs = factor.clamp_min(1e-30).log().cumsum(-1)
+                diff = logs[..., :, None] - logs[..., None, :]
+                return torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp(), logs.exp()
+
+            if self.cfg.momentum:
+                carry_s, carry_s0 = transfer(eta[..., lo:hi])
+            carry_w, carry_w0 = transfer(keep[..., lo:hi])
+            for i, step in enumerate(steps):
+                shape = step.shape[-2:]
+                s = -step[:, :, lo:hi].flatten(-2)  # (B, H, span, d_in * d_out)
+                if self.cfg.momentum:
+                    s = carry_s @ s + carry_s0[..., None] * momentum[i].flatten(-2)[..., None, :]
+                written = s * on[..., lo:hi, None] if padded else s  # padding adds no step to the weights
+                w = carry_w @ written + carry_w0[..., None] * weights[i].flatten(-2)[..., None, :]
+                s, w = s.unflatten(-1, shape), w.unflatten(-1, shape)
+                reads[i].append(torch.cat((weights[i].unsqueeze(2), w[:, :, :-1]), dim=2))
+                weights[i], momentum[i] = w[:, :, -1], s[:, :, -1]
+        return [torch.cat(r, dim=2) for r in reads], weights, momentum
+
     # ------------------------------------------------------------------------------------ operations
     def retrieve(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         """M*(q(x)) without update (the MAC read h). With a MAC segment length, every token of a segment
@@ -227,6 +278,26 @@ class NeuralMemory(nn.Module):
         return self._output(out, None).to(x.dtype), new
 
     def update_and_retrieve(
+        self, x: Tensor, state: MemoryState, valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, MemoryState]:
+        """Write x into the memory and read it (see `_update_and_retrieve`). A call longer than
+        `block_tokens` runs block by block with the state carried (exact: any split gives the same result);
+        under autograd each block is recomputed in the backward instead of keeping its activations, so
+        the memory of a long call is bounded by one block in training as in inference."""
+        block = self.cfg.block_tokens
+        if block is None or x.shape[1] <= block:
+            return self._update_and_retrieve(x, state, valid)
+        outs, surprises = [], []
+        for xb, vb in zip(x.split(block, dim=1), valid.split(block, dim=1) if valid is not None else repeat(None)):
+            if torch.is_grad_enabled():
+                out, surprise, state = checkpoint(self._update_and_retrieve, xb, state, vb, use_reentrant=False)
+            else:
+                out, surprise, state = self._update_and_retrieve(xb, state, vb)
+            outs.append(out)
+            surprises.append(surprise)
+        return torch.cat(outs, dim=1), torch.cat(surprises, dim=1), state
+
+    def _update_and_retrieve(
         self, x: Tensor, state: MemoryState, valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor, MemoryState]:
         """Write x into the memory chunk by chunk and read each token at its chunk-start weights.
@@ -259,10 +330,11 @@ class NeuralMemory(nn.Module):
         on = full[..., 3]
         n_valid = on.sum(-1)
         denom = n_valid.clamp_min(1.0)
-        eta_c = ((full[..., 1] * on).sum(-1) / denom)[..., None, None].unbind(2)
-        keep_c = (1.0 - (full[..., 2] * on).sum(-1) / denom)[..., None, None].unbind(2)
+        eta_full = (full[..., 1] * on).sum(-1) / denom                 # (B, H, n_full)
+        keep_full = 1.0 - (full[..., 2] * on).sum(-1) / denom
         padded = bool((n_valid < b).any()) if n_full else False
-        chunk_on = (n_valid > 0).to(mdt)[..., None, None].unbind(2)
+        on_full = (n_valid > 0).to(mdt)
+        eta_c, keep_c, chunk_on = (t[..., None, None].unbind(2) for t in (eta_full, keep_full, on_full))
         # d l_t / d M(k_t) = 2 (M(k_t) - v_t): the factor 2 goes into the token weights and the norms.
         token_weight = all_gates[..., 0] * all_gates[..., 3] * (2.0 / b)
         anchor_every = self.cfg.anchor_every
@@ -305,6 +377,15 @@ class NeuralMemory(nn.Module):
                 grad_norm = grad_norm.flatten(2, 3)
                 chunk_grads = list(zip(*(g.unbind(2) for g in grads)))
             surprises.append(2.0 * grad_norm[:, :, max(start, n_pending) - start:])
+            if run > 1:  # every gradient of the run is known: momentum, forgetting and reads in parallel
+                window_gates = (eta_full[..., c:c + run], keep_full[..., c:c + run], on_full[..., c:c + run])
+                read_weights, weights, momentum = self._scan_run(
+                    weights, momentum, [torch.stack(g, dim=2) for g in zip(*chunk_grads)], *window_gates, padded)
+                pad = max(0, n_pending - start)  # pending queries were read when they arrived
+                queries = torch.cat((q.new_zeros(*q.shape[:2], pad, q.shape[3]), *q_chunks[c:c + run]), dim=2)
+                out = mlp_forward(read_weights, queries.unflatten(2, (run, b)))[0]
+                reads.append(out.flatten(2, 3)[:, :, pad:])
+                continue
             for j in range(run):
                 if anchor_every > 1:  # reads at the current weights, chunk by chunk
                     reads.append(mlp_forward(weights, q_chunks[c + j])[0])
