@@ -59,7 +59,7 @@ def naive_reference(mem: NeuralMemory, x: torch.Tensor):
     b = cfg.chunk_size
     outputs = torch.zeros(batch, mem.heads, steps, mem.head_dim, dtype=x.dtype)
     surprise = torch.zeros(batch, mem.heads, steps, dtype=x.dtype)
-    weights = [w.detach().clone().unsqueeze(0).repeat(batch, 1, 1, 1) for w in mem.initial_weights]
+    weights = [w.detach().clone().unsqueeze(0).repeat(batch, 1, 1, 1) for w in mem.initial_layers()]
     momentum = [torch.zeros_like(w) for w in weights]
     for n in range(batch):
         for h in range(mem.heads):
@@ -184,7 +184,7 @@ def test_mac_retrieve_reads_segment_start_weights():
         _, _, state = mem.update_and_retrieve(x[:, :6], state)  # one chunk written
         h1, state = mem.retrieve(x[:, 6:8], state)              # still segment 0: still the initial weights
         q = reference_projection(mem, mem.to_q, None, x, True)
-        init = [w.unsqueeze(0) for w in mem.initial_weights]
+        init = [w.unsqueeze(0) for w in mem.initial_layers()]
         torch.testing.assert_close(h0, mem._output(memory_mlp(init, q[:, :, :6]), None), atol=1e-12, rtol=0)
         torch.testing.assert_close(h1, mem._output(memory_mlp(init, q[:, :, 6:8]), None), atol=1e-12, rtol=0)
         _, _, state = mem.update_and_retrieve(x[:, 6:8], state)
@@ -283,3 +283,20 @@ def test_blocked_calls_with_recomputation_equal_one_pass_values_and_gradients(an
         torch.testing.assert_close(st1[key], st0[key], atol=1e-10, rtol=0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_empty_init_reads_only_what_the_stream_wrote():
+    torch.manual_seed(0)
+    mem = NeuralMemory(DIM, MemoryConfig(heads=2, depth=2, chunk_size=4, empty_init=True)).double()
+    x = torch.randn(1, 12, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        out, _, _ = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))
+    assert torch.equal(out[:, :4], torch.zeros_like(out[:, :4]))  # the first chunk reads a fresh memory
+    assert out[:, 4:].abs().sum() > 0                              # later chunks read what it wrote
+    # The zero starting point of the last layer is fixed (not a parameter); the first layer's is learned
+    # through the test-time updates.
+    assert len(list(mem.initial_weights)) == 1 and "initial_last" not in mem.state_dict()
+    out, _, _ = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))
+    out.pow(2).sum().backward()
+    assert mem.initial_weights[0].grad.abs().sum() > 0
+    assert torch.equal(mem.initial_last, torch.zeros_like(mem.initial_last))

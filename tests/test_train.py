@@ -163,6 +163,14 @@ def test_synthetic_tasks():
     corpus = Corpus(["t"], [text], [text])
     seq = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20), min_gap=128)
     assert seq.numel() == 400
+    # A shuffled passage: the same 20 tokens twice, at least 128 apart, and not in the corpus' order.
+    seq = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20, shuffled_share=1.0),
+                          min_gap=128)
+    windows = {tuple(seq[i:i + 20].tolist()): i for i in range(381)}
+    twice = [w for w in windows if sum(tuple(seq[i:i + 20].tolist()) == w for i in range(381)) == 2]
+    assert twice, "the passage must occur twice"
+    passage = twice[0]
+    assert any(b != (a + 1 - 97) % 26 + 97 for a, b in zip(passage, passage[1:])), "passage not shuffled"
     tok = ByteTokenizer()
     ex = passkey_example(tok, "12345", torch.tensor(list(b"hay " * 10)))
     assert tok.decode(ex.tokens[ex.answer_start:ex.answer_end].tolist()) == "12345"

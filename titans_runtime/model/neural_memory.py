@@ -128,15 +128,16 @@ class NeuralMemory(nn.Module):
             bias[2] = _logit(cfg.alpha_init)
         hidden = max(1, int(round(self.head_dim * cfg.hidden_mult)))
         sizes = [self.head_dim] + [hidden] * (cfg.depth - 1) + [self.head_dim]
-        self.initial_weights = nn.ParameterList(
-            nn.Parameter(torch.randn(cfg.heads, d_in, d_out) / math.sqrt(d_in))
-            for d_in, d_out in zip(sizes[:-1], sizes[1:])
-        )
+        initial = [torch.randn(cfg.heads, d_in, d_out) / math.sqrt(d_in) for d_in, d_out in zip(sizes[:-1], sizes[1:])]
         if cfg.empty_init:
-            # Every read is then what this stream wrote: the outer loop cannot settle for using the initial
-            # weights as one more static MLP and ignoring the test-time updates.
-            with torch.no_grad():
-                self.initial_weights[-1].zero_()
+            # A fresh memory reads 0 and its last layer's starting point stays 0 (a buffer, not learned):
+            # every read is what the stream wrote, so the outer loop cannot turn the initial weights into one
+            # more static MLP and ignore the test-time updates.
+            self.initial_weights = nn.ParameterList(nn.Parameter(w) for w in initial[:-1])
+            self.register_buffer("initial_last", torch.zeros_like(initial[-1]), persistent=False)
+        else:
+            self.initial_weights = nn.ParameterList(nn.Parameter(w) for w in initial)
+            self.initial_last = None
         self.out_proj = nn.Linear(self.dim, model_dim, bias=False)
         self.out_gate = nn.Linear(model_dim, model_dim)
         nn.init.zeros_(self.out_gate.weight)
@@ -157,9 +158,13 @@ class NeuralMemory(nn.Module):
             conv.weight.zero_()
             conv.weight[torch.arange(self.dim), 0, kernel - 1 - lag - shift] = 1.0
 
+    def initial_layers(self) -> list[Tensor]:
+        """The weights every stream starts from: the learned ones (and the fixed zero last layer)."""
+        return list(self.initial_weights) + ([self.initial_last] if self.initial_last is not None else [])
+
     @property
     def depth(self) -> int:
-        return len(self.initial_weights)
+        return len(self.initial_layers())
 
     @property
     def has_conv(self) -> bool:
@@ -170,7 +175,7 @@ class NeuralMemory(nn.Module):
         """Fresh per-stream state: W = the learned initial weights (keeps their graph), zero momentum."""
         mdt = memory_dtype(dtype)
         state: MemoryState = {}
-        for i, w0 in enumerate(self.initial_weights):
+        for i, w0 in enumerate(self.initial_layers()):
             state[f"w{i}"] = w0.to(device=device, dtype=mdt).unsqueeze(0).expand(batch, *w0.shape)
             state[f"s{i}"] = torch.zeros(batch, *w0.shape, device=device, dtype=mdt)
         if self.has_conv:

@@ -22,6 +22,7 @@ class DataConfig:
     holdout_fraction: float = 0.1   # the tail of every file is held out for evaluation
     synthetic_fraction: float = 0.5  # share of sequences built from long-range synthetic tasks
     passkey_share: float = 0.5       # of the synthetic ones: pass-key facts (the rest: repeats after a gap)
+    shuffled_share: float = 0.0      # of the repeated passages: shuffled text (unpredictable but for memory)
     passage_min: int = 24            # repeated passage length range (tokens)
     passage_max: int = 96
     # Smallest gap between a passage and its repeat, in attention windows. Gaps shorter than a TBPTT
@@ -33,6 +34,7 @@ class DataConfig:
         _require(0.0 < self.holdout_fraction < 1.0, f"{path}.holdout_fraction", "must lie strictly between 0 and 1")
         _require(0.0 <= self.synthetic_fraction <= 1.0, f"{path}.synthetic_fraction", "must lie in [0, 1]")
         _require(0.0 <= self.passkey_share <= 1.0, f"{path}.passkey_share", "must lie in [0, 1]")
+        _require(0.0 <= self.shuffled_share <= 1.0, f"{path}.shuffled_share", "must lie in [0, 1]")
         _require(0 < self.passage_min <= self.passage_max, f"{path}.passage_min", "must be in 1..passage_max")
         _require(self.min_gap_windows >= 0, f"{path}.min_gap_windows", "must be >= 0")
 

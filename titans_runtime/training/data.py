@@ -1,7 +1,7 @@
 """Training data: corpora read through the runtime's lazy stream reader (tail of every file held out),
 mixed with synthetic long-range tasks that only a memory reaching past the attention window can solve:
 
-- repeat after a gap: a passage A, unrelated text, then A again;
+- repeat after a gap: a passage A (corpus text, or a shuffled slice of it), unrelated text, then A again;
 - pass-key facts: "The pass key is 12345. Remember it. ..." haystack "... What is the pass key? The pass
   key is 12345."
 
@@ -110,6 +110,10 @@ def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: 
     gap = int(rng.integers(min(min_gap, room), room + 1))
     lead = int(rng.integers(0, room - gap + 1))
     passage = corpus.sample(rng, la, split)
+    if cfg.shuffled_share > 0 and rng.random() < cfg.shuffled_share:
+        # The same tokens in random order: no language model predicts them, only a memory of the first
+        # reading does, which is the clearest signal for learning to write and read it.
+        passage = passage[torch.from_numpy(rng.permutation(la))]
     parts = [_fill(corpus, rng, lead, split), passage, _fill(corpus, rng, gap, split), passage,
              _fill(corpus, rng, room - gap - lead, split)]
     return torch.cat(parts)
