@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from titans_runtime.config import TitansConfig, config_from_dict
+from titans_runtime.config import config_from_dict
 from titans_runtime.errors import ConfigError
 from titans_runtime.model.titans import TitanModel
 from titans_runtime.model.tokenizer import ByteTokenizer

@@ -1,7 +1,6 @@
 """Model configuration as data: dataclasses loaded from YAML, validated with errors that name the key."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

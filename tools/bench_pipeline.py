@@ -20,10 +20,8 @@ import torch
 
 from titans_runtime.cli.run import drive
 from titans_runtime.cli.single_process import SingleProcessRunner
-from titans_runtime.config import load_config
 from titans_runtime.errors import TitansError
-from titans_runtime.model.checkpoint import load_model
-from titans_runtime.model.titans import TitanModel
+from titans_runtime.model.checkpoint import load_or_build
 from titans_runtime.model.tokenizer import load_tokenizer
 from titans_runtime.runtime.pipeline import STAGES, Pipeline, PipelineOptions
 from titans_runtime.runtime.streams import open_streams
@@ -66,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads-per-stage", type=int, default=1)
     args = p.parse_args(argv)
     try:
-        if args.config:
-            torch.manual_seed(0)
-            model = TitanModel(load_config(args.config))
-        else:
-            model = load_model(args.model)
+        model = load_or_build(args.model, args.config)
     except TitansError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

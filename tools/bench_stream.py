@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 
 from titans_runtime.cli.run import drive
-from titans_runtime.config import load_config
 from titans_runtime.errors import TitansError
-from titans_runtime.model.checkpoint import load_model
-from titans_runtime.model.titans import TitanModel
+from titans_runtime.model.checkpoint import load_or_build
 from titans_runtime.model.tokenizer import load_tokenizer
 from titans_runtime.runtime.metrics import rss_bytes
 from titans_runtime.runtime.pipeline import STAGES, Pipeline, PipelineOptions
@@ -66,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        if args.config:
-            torch.manual_seed(0)
-            model = TitanModel(load_config(args.config))
-        else:
-            model = load_model(args.model)
+        model = load_or_build(args.model, args.config)
     except TitansError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

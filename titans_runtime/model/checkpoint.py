@@ -46,3 +46,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", config
         kind = "missing" if missing else "unexpected"
         raise InputError(f"{weights}: {kind} weight '{name}' for this config")
     return model.to(device)
+
+
+def load_or_build(model: str | Path | None, config: str | Path | None = None, seed: int = 0) -> TitanModel:
+    """A tool's model: random weights (seeded) from `config` when one is given, else the trained folder
+    `model` (`default` or None: the shipped one)."""
+    if config is not None:
+        torch.manual_seed(seed)
+        return TitanModel(load_config(config))
+    return load_model(model or "default")

@@ -14,14 +14,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from titans_runtime.config import TitansConfig, load_config
-from titans_runtime.errors import ConfigError, InputError
+from titans_runtime.errors import ConfigError
 from titans_runtime.model.checkpoint import load_model, save_model
 from titans_runtime.model.state import StreamState
 from titans_runtime.model.titans import TitanModel
