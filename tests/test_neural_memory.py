@@ -102,7 +102,7 @@ CASES = [
     dict(depth=3, chunk=4, conv=3), dict(depth=2, chunk=6, conv=4),
     dict(depth=2, chunk=2, anchor=3), dict(depth=1, chunk=4, anchor=2, conv=3), dict(depth=2, chunk=3, anchor=8),
     dict(depth=2, chunk=2, anchor=4, momentum=False), dict(depth=2, chunk=2, anchor=5, decay=False),
-    dict(depth=2, chunk=1, anchor=20, conv=3),  # a run of 20 chunks: three chained scan spans
+    dict(depth=2, chunk=1, anchor=20, conv=3),  # a run of 20 chunks: chained scan spans
     dict(depth=2, chunk=4, cap=0.5), dict(depth=1, chunk=2, cap=1.0, anchor=3),  # caps that bind on some chunks
 ]
 

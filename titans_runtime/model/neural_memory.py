@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from titans_runtime.config import MemoryConfig
 
 MemoryState = dict[str, Tensor]
-SCAN_SPAN = 8  # chunks per parallel span of the anchored recurrence (matmul cost grows with the span)
+SCAN_SPAN = 16  # chunks per parallel span of the anchored recurrence (matmul cost grows with the span)
 
 
 def _logit(p: float) -> float:
@@ -237,13 +237,13 @@ class NeuralMemory(nn.Module):
             eta, keep = on * eta + (1.0 - on), on * keep + (1.0 - on)
         if not self.cfg.decay:
             keep = torch.ones_like(keep)
-        spans = list(range(0, eta.shape[-1], SCAN_SPAN))
+        # Split once (slicing per span would zero-fill the whole run in every span's backward).
+        span_steps = list(zip(*(g.split(SCAN_SPAN, dim=2) for g in steps)))
+        span_gates = zip(eta.split(SCAN_SPAN, dim=-1), keep.split(SCAN_SPAN, dim=-1), on.split(SCAN_SPAN, dim=-1))
         reads: list[list[Tensor]] = [[] for _ in weights]
         weights, momentum = list(weights), list(momentum)
-        for lo in spans:
-            hi = lo + SCAN_SPAN
-            lower = torch.ones(eta[..., lo:hi].shape[-1], eta[..., lo:hi].shape[-1], dtype=torch.bool,
-                               device=eta.device).tril()
+        for span_step, (span_eta, span_keep, span_on) in zip(span_steps, span_gates):
+            lower = torch.ones(span_eta.shape[-1], span_eta.shape[-1], dtype=torch.bool, device=eta.device).tril()
 
             def transfer(factor: Tensor) -> tuple[Tensor, Tensor]:
                 # T[r, j] = prod_{i=j+1..r} factor_i (j <= r), T0[r] = prod_{i<=r} factor_i, in log space.
@@ -252,14 +252,14 @@ class NeuralMemory(nn.Module):
                 return torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp(), logs.exp()
 
             if self.cfg.momentum:
-                carry_s, carry_s0 = transfer(eta[..., lo:hi])
-            carry_w, carry_w0 = transfer(keep[..., lo:hi])
-            for i, step in enumerate(steps):
+                carry_s, carry_s0 = transfer(span_eta)
+            carry_w, carry_w0 = transfer(span_keep)
+            for i, step in enumerate(span_step):
                 shape = step.shape[-2:]
-                s = -step[:, :, lo:hi].flatten(-2)  # (B, H, span, d_in * d_out)
+                s = -step.flatten(-2)  # (B, H, span, d_in * d_out)
                 if self.cfg.momentum:
                     s = carry_s @ s + carry_s0[..., None] * momentum[i].flatten(-2)[..., None, :]
-                written = s * on[..., lo:hi, None] if padded else s  # padding adds no step to the weights
+                written = s * span_on[..., None] if padded else s  # padding adds no step to the weights
                 w = carry_w @ written + carry_w0[..., None] * weights[i].flatten(-2)[..., None, :]
                 s, w = s.unflatten(-1, shape), w.unflatten(-1, shape)
                 reads[i].append(torch.cat((weights[i].unsqueeze(2), w[:, :, :-1]), dim=2))
