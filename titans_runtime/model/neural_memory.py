@@ -93,7 +93,12 @@ class CausalDepthwiseConv(nn.Module):
     def forward(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, C); tail: (B, kernel - 1, C). Returns (y, new tail)."""
         full = torch.cat((tail.to(x.dtype), x), dim=1)
-        y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+        weight = self.weight[:, 0].to(x.dtype)  # (C, kernel)
+        steps = x.shape[1]
+        # A few shifted multiply-adds: several times faster than a depthwise conv1d at these sizes.
+        y = full[:, :steps] * weight[:, 0]
+        for j in range(1, self.kernel):
+            y = y + full[:, j:j + steps] * weight[:, j]
         return y, full[:, full.shape[1] - (self.kernel - 1):]
 
 
