@@ -234,3 +234,18 @@ def test_unknown_task_id_is_a_clear_error():
     model = make_model(small_config("mac"))
     with pytest.raises(InputError, match="unknown task id 5"):
         model(torch.zeros(1, 4, dtype=torch.long), task_ids=5)
+
+
+def test_moving_the_model_drops_cached_persistent_keys_values():
+    """Persistent K/V are cached per task under no_grad; .to(dtype / device) must not reuse the old ones
+    (a model run on CPU then moved to CUDA failed on the cached CPU tensors)."""
+    model = make_model(small_config("mag"))
+    ids = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        model(ids)                        # fills the cache in float64
+        moved = model(ids).logits         # cached
+        model.float()
+        assert model.core._persistent_cache == {}
+        out = model(ids).logits
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), moved, atol=1e-4, rtol=1e-4)

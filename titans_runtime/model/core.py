@@ -50,8 +50,9 @@ class Core(nn.Module):
         self._persistent_cache: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
 
     # ----------------------------------------------------------------------------------------- state
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> CoreState:
+    def initial_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> CoreState:
         m = self.cfg.model
+        device = self.tok_embeddings.weight.device if device is None else device  # default: where the model is
         state: CoreState = {}
         for i in range(m.n_layers):
             empty = torch.zeros(batch, m.kv_heads, 0, m.head_dim, device=device, dtype=dtype)
@@ -79,6 +80,11 @@ class Core(nn.Module):
 
     def clear_persistent_cache(self) -> None:
         self._persistent_cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # .to(device / dtype) moves the parameters; cached persistent K/V would stay behind.
+        self._persistent_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------- attention
     def _window_keys(self, layer: int, a: Tensor, positions: Tensor, state: CoreState, new: CoreState,

@@ -19,7 +19,7 @@ class LongTermMemory(nn.Module):
         self.layer_ids = cfg.memory_layers
         self.memories = nn.ModuleDict({str(i): NeuralMemory(cfg.model.dim, cfg.memory, segment) for i in self.layer_ids})
 
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LongTermState:
+    def initial_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> LongTermState:
         return {name: mem.initial_state(batch, device, dtype) for name, mem in self.memories.items()}
 
     def retrieve(self, layer: int, x: Tensor, state: LongTermState) -> Tensor:

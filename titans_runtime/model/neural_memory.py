@@ -176,8 +176,9 @@ class NeuralMemory(nn.Module):
         return self.cfg.conv_kernel > 1
 
     # ----------------------------------------------------------------------------------------- state
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MemoryState:
+    def initial_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> MemoryState:
         """Fresh per-stream state: W = the learned initial weights (keeps their graph), zero momentum."""
+        device = self.to_q.weight.device if device is None else device  # default: where the module is
         mdt = memory_dtype(dtype)
         state: MemoryState = {}
         for i, w0 in enumerate(self.initial_layers()):
