@@ -386,12 +386,11 @@ class NeuralMemory(nn.Module):
                 grads, grad_norm = mlp_backward(window, inputs, pre, out - run_values.unflatten(2, (run, span)),
                                                 run_weight.unflatten(2, (run, span)))
                 grad_norm = grad_norm.flatten(2, 3)
-                chunk_grads = list(zip(*(g.unbind(2) for g in grads)))
+                chunk_grads = [[g[:, :, 0] for g in grads]] if run == 1 else []
             surprises.append(2.0 * grad_norm[:, :, max(start, n_pending) - start:])
             if run > 1:  # every gradient of the run is known: momentum, forgetting and reads in parallel
                 window_gates = (eta_full[..., c:c + run], keep_full[..., c:c + run], on_full[..., c:c + run])
-                read_weights, weights, momentum = self._scan_run(
-                    weights, momentum, [torch.stack(g, dim=2) for g in zip(*chunk_grads)], *window_gates, padded)
+                read_weights, weights, momentum = self._scan_run(weights, momentum, grads, *window_gates, padded)
                 pad = max(0, n_pending - start)  # pending queries were read when they arrived
                 queries = torch.cat((q.new_zeros(*q.shape[:2], pad, q.shape[3]), *q_chunks[c:c + run]), dim=2)
                 out = mlp_forward(read_weights, queries.unflatten(2, (run, b)))[0]
