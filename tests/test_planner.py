@@ -20,12 +20,7 @@ CONFIGS = ROOT / "configs"
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_against_trace(cfg, train: bool, streams: int = 2) -> dict[str, tuple[int, int]]:
