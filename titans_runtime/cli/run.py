@@ -3,7 +3,8 @@
     titans-run --stream book.txt [--stream more/] [--model DIR|default | --config YAML] [--metrics-out m.jsonl]
                [--state-out DIR] [--resume DIR] [--generate N --prompt TEXT] [--address auto|HOST:PORT]
 
-Plans memory first (refuses a plan over budget), then runs the pipeline; one JSON line per segment,
+Without --stream (and --resume) it reads the shipped sample text. Plans memory first (refuses a plan over
+budget), then runs the pipeline; one JSON line per segment,
 a progress bar, a summary table, optionally the final per-stream states and text generated from them.
 Bad input: `error: <one line>` on stderr, exit code 2."""
 from __future__ import annotations
@@ -23,6 +24,7 @@ STATE_INDEX = "index.json"
 STATE_INDEX_FORMAT = "titans-states-v1"
 ADDRESS_TIMEOUT_S = 3.0
 STATS_EVERY_S = 1.0
+SAMPLE_STREAM = Path(__file__).resolve().parents[1] / "assets" / "sample.txt"  # read when no --stream is given
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,9 +32,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(message)
-
-
-SAMPLE_STREAM = Path(__file__).resolve().parents[1] / "assets" / "sample.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
