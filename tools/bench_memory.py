@@ -37,7 +37,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from titans_runtime.config import MemoryConfig, load_config
-from titans_runtime.errors import TitansError
+from titans_runtime.errors import TitansError, report_error
 from titans_runtime.model.neural_memory import NeuralMemory
 from titans_runtime.model.titans import TitanModel
 
@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_memory:
             import_peer()
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     torch.set_num_threads(args.threads)
     if not args.skip_memory:
         results = bench_memories(setting, args.repeats, args.warmup, args.seed)

@@ -20,7 +20,7 @@ import torch
 
 from titans_runtime.cli.run import drive
 from titans_runtime.cli.single_process import SingleProcessRunner
-from titans_runtime.errors import TitansError
+from titans_runtime.errors import TitansError, report_error
 from titans_runtime.model.checkpoint import load_or_build
 from titans_runtime.model.tokenizer import load_tokenizer
 from titans_runtime.runtime.pipeline import STAGES, Pipeline, PipelineOptions
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_or_build(args.model, args.config)
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     model.eval()
     total_threads = args.threads_per_stage * len(STAGES)
     tokenizer = load_tokenizer(model.config.tokenizer)

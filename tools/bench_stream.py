@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from titans_runtime.cli.run import drive
-from titans_runtime.errors import TitansError
+from titans_runtime.errors import TitansError, report_error
 from titans_runtime.model.checkpoint import load_or_build
 from titans_runtime.model.tokenizer import load_tokenizer
 from titans_runtime.runtime.metrics import rss_bytes
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_or_build(args.model, args.config)
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     tokenizer = load_tokenizer(model.config.tokenizer)
     samples: dict[str, dict] = {}
     tokens = 0

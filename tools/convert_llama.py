@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from titans_runtime.errors import TitansError
+from titans_runtime.errors import TitansError, report_error
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_to_folder(args.checkpoint, args.out, variant=args.variant, config=args.config,
                                 max_seq_len=args.max_seq_len, **overrides)
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     from titans_runtime.config import load_config
 
     cfg = load_config(Path(out) / "config.yaml")

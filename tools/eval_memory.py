@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from titans_runtime.errors import TitansError  # noqa: E402
+from titans_runtime.errors import TitansError, report_error  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from titans_runtime.errors import InputError, PlanError, TitansError
+from titans_runtime.errors import InputError, PlanError, TitansError, report_error
 
 STATE_INDEX = "index.json"
 STATE_INDEX_FORMAT = "titans-states-v1"
@@ -393,12 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return run(args)
-    except TitansError as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        if len(lines) > 1:  # e.g. a plan table: the details on stdout, the one-line verdict on stderr
-            print("\n".join(lines[:-1]), file=sys.stdout)
-        print(f"error: {lines[-1]}", file=sys.stderr)
-        return 2
+    except TitansError as exc:  # a plan table goes to stdout, the one-line verdict to stderr
+        return report_error(exc)
     except ConnectionError as exc:  # ray.init found no cluster
         print(f"error: no Ray cluster reachable: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
         return 2

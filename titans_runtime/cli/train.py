@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from titans_runtime.errors import TitansError
+from titans_runtime.errors import TitansError, report_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
 
 
 def run(args: argparse.Namespace) -> int:

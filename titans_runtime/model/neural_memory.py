@@ -80,6 +80,15 @@ def mlp_backward(
     return grads, sq_norm.sqrt()
 
 
+def decay_products(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """For factors f_1..f_R (last dim): T[r, j] = prod_{i=j+1..r} f_i for j <= r (0 above the diagonal) and
+    T0[r] = prod_{i<=r} f_i, from cumulative sums of logs (f clamped at 1e-30 so log stays finite)."""
+    logs = factor.clamp_min(1e-30).log().cumsum(-1)
+    diff = logs[..., :, None] - logs[..., None, :]
+    lower = torch.ones(diff.shape[-2:], dtype=torch.bool, device=factor.device).tril()
+    return torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp(), logs.exp()
+
+
 class CausalDepthwiseConv(nn.Module):
     """Depthwise causal conv over time whose last (kernel - 1) inputs are carried in the stream state."""
 
@@ -249,17 +258,9 @@ class NeuralMemory(nn.Module):
         reads: list[list[Tensor]] = [[] for _ in weights]
         weights, momentum = list(weights), list(momentum)
         for span_step, (span_eta, span_keep, span_on) in zip(span_steps, span_gates):
-            lower = torch.ones(span_eta.shape[-1], span_eta.shape[-1], dtype=torch.bool, device=eta.device).tril()
-
-            def transfer(factor: Tensor) -> tuple[Tensor, Tensor]:
-                # T[r, j] = prod_{i=j+1..r} factor_i (j <= r), T0[r] = prod_{i<=r} factor_i, in log space.
-                logs = factor.clamp_min(1e-30).log().cumsum(-1)
-                diff = logs[..., :, None] - logs[..., None, :]
-                return torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp(), logs.exp()
-
             if self.cfg.momentum:
-                carry_s, carry_s0 = transfer(span_eta)
-            carry_w, carry_w0 = transfer(span_keep)
+                carry_s, carry_s0 = decay_products(span_eta)
+            carry_w, carry_w0 = decay_products(span_keep)
             for i, step in enumerate(span_step):
                 shape = step.shape[-2:]
                 s = -step.flatten(-2)  # (B, H, span, d_in * d_out)

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from titans_runtime.errors import TitansError
+from titans_runtime.errors import TitansError, report_error
 
 DEFAULT_STREAMS = 4  # the runtime's default number of segments (of different streams) in flight
 
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_memory(config, hardware, args.streams, args.segment_len, args.dtype, train=args.train,
                            checkpointing=args.checkpointing, in_flight=args.in_flight)
     except TitansError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
