@@ -300,3 +300,27 @@ def test_empty_init_reads_only_what_the_stream_wrote():
     out.pow(2).sum().backward()
     assert mem.initial_weights[0].grad.abs().sum() > 0
     assert torch.equal(mem.initial_last, torch.zeros_like(mem.initial_last))
+
+
+@pytest.mark.parametrize("span", [1, 7])
+def test_anchored_scan_span_changes_no_value_or_gradient(span, monkeypatch):
+    """A run longer than the scan span (whole spans batched, a partial one apart), with padding: values and
+    every parameter gradient are the same for any span length."""
+    import titans_runtime.model.neural_memory as nm
+
+    x = torch.randn(2, 45, DIM, dtype=torch.float64)
+    valid = torch.ones(2, 45, dtype=torch.bool)
+    valid[1, 20:23] = False
+    results = {}
+    for scan_span in (nm.SCAN_SPAN, span):
+        monkeypatch.setattr(nm, "SCAN_SPAN", scan_span)
+        mem = make_memory(depth=2, chunk=1, conv=3, anchor=40)
+        out, surprise, new = mem.update_and_retrieve(x, mem.initial_state(2, dtype=torch.float64), valid)
+        loss = out.pow(2).sum() + new["w1"].pow(2).sum() + new["s0"].pow(2).sum() + surprise.sum()
+        results[scan_span] = (out, new, torch.autograd.grad(loss, list(mem.parameters())))
+    (out0, st0, g0), (out1, st1, g1) = results.values()
+    torch.testing.assert_close(out1, out0, atol=1e-10, rtol=0)
+    for key in ("w0", "w1", "s0", "s1"):
+        torch.testing.assert_close(st1[key], st0[key], atol=1e-10, rtol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)

@@ -33,11 +33,6 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def silu_grad(z: Tensor) -> Tensor:
-    s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
-
-
 def memory_dtype(dtype: torch.dtype) -> torch.dtype:
     """Fast weights and momentum stay in at least fp32, whatever the model's dtype."""
     return torch.promote_types(dtype, torch.float32)
@@ -61,22 +56,35 @@ def mlp_forward(weights: list[Tensor], x: Tensor) -> tuple[Tensor, list[Tensor],
 
 
 def mlp_backward(
-    weights: list[Tensor], inputs: list[Tensor], pre: list[Tensor], out_grad: Tensor, token_weight: Tensor
+    weights: list[Tensor], inputs: list[Tensor], pre: list[Tensor], out_grad: Tensor, token_weight: Tensor,
+    chunks: int | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Gradients of sum_t token_weight_t * l_t for each weight, and each token's gradient norm.
 
     out_grad: the output error (proportional to dl_t/d(output_t)), (..., n, d_L); token_weight: (..., n).
     The per-token gradient of a weight is an outer product a_t^T delta_t, so its norm is
-    ||a_t|| * ||delta_t|| and the weighted sum over the chunk is one matmul."""
+    ||a_t|| * ||delta_t|| and the weighted sum over the chunk is one matmul. With `chunks`, the n tokens
+    are that many equal chunks (all at the same weights) and each weight gets one gradient per chunk:
+    (..., chunks, d_i, d_{i+1})."""
     grads: list[Tensor] = [None] * len(weights)  # type: ignore[list-item]
     sq_norm = torch.zeros_like(token_weight)
     delta = out_grad
     for i in range(len(weights) - 1, -1, -1):
         a = inputs[i]
-        grads[i] = (a * token_weight[..., None]).transpose(-1, -2) @ delta
-        sq_norm = sq_norm + a.pow(2).sum(-1) * delta.pow(2).sum(-1)
+        # The token weights go on the narrower factor of the outer products (fewer multiplications).
+        if a.shape[-1] <= delta.shape[-1]:
+            left, right = a * token_weight[..., None], delta
+        else:
+            left, right = a, delta * token_weight[..., None]
+        if chunks is None:
+            grads[i] = left.transpose(-1, -2) @ right
+        else:
+            grads[i] = left.unflatten(-2, (chunks, -1)).transpose(-1, -2) @ right.unflatten(-2, (chunks, -1))
+        sq_norm = sq_norm + a.square().sum(-1) * delta.square().sum(-1)
         if i > 0:
-            delta = (delta @ weights[i].transpose(-1, -2)) * silu_grad(pre[i - 1])
+            # silu'(z) = s + silu(z) (1 - s), s = sigmoid(z); silu(z) is this layer's input a.
+            s = torch.sigmoid(pre[i - 1])
+            delta = (delta @ weights[i].transpose(-1, -2)) * torch.addcmul(s, a, 1.0 - s)
     return grads, sq_norm.sqrt()
 
 
@@ -222,11 +230,16 @@ class NeuralMemory(nn.Module):
             y = F.normalize(y, dim=-1)
         return y
 
-    def _output(self, read: Tensor, x: Tensor | None) -> Tensor:
+    def _output(self, read: Tensor, x: Tensor | None, valid: Tensor | None = None) -> Tensor:
+        """Reads (B, H, T, d) -> (B, T, model_dim): projected, then gated by x (MAG/MAL/MAC update path);
+        padding (valid False) outputs 0."""
         out = self.out_proj(read.transpose(1, 2).flatten(2).to(self.out_proj.weight.dtype))
         if x is None:
             return out
-        return out * torch.sigmoid(self.out_gate(x)) * self.output_scale
+        out = out * torch.sigmoid(self.out_gate(x)) * self.output_scale
+        if valid is not None:
+            out = out * valid[..., None].to(out.dtype)
+        return out.to(x.dtype)
 
     def _bounded(self, grads: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:
         """A chunk's update, its norm (per stream and head, over all layers) capped at max_update_norm:
@@ -238,40 +251,66 @@ class NeuralMemory(nn.Module):
         scale = (cap / norm).clamp(max=1.0)[..., None, None]
         return [g * scale for g in grads]
 
-    def _scan_run(self, weights: list[Tensor], momentum: list[Tensor], grads: list[Tensor], eta: Tensor,
-                  keep: Tensor, on: Tensor, padded: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The chunk recurrence S_r = eta_r S_{r-1} - G_r, W_r = keep_r W_{r-1} + S_r over a run of R chunks
-        whose gradients are all known (anchored): spans of SCAN_SPAN chunks as two lower-triangular
-        matmuls each (cost R * span, not R^2), the spans chained.
+    def _scan_coefficients(self, eta: Tensor, keep: Tensor, on: Tensor) -> Tensor:
+        """The chunk recurrence S_r = eta_r S_{r-1} - G_r, W_r = keep_r W_{r-1} + on_r S_r over a span of R
+        chunks as one linear map: [W_0, ..., W_R, S_R] = C @ [W_0, S_0, G_1, ..., G_R], C (..., R + 2, R + 2).
+        eta, keep, on: (..., R). Momentum and forgetting are folded into C, so the span is one matmul."""
+        span = eta.shape[-1]
+        if self.cfg.momentum:
+            carry_s, carry_s0 = decay_products(eta)
+        else:  # S_r = -G_r
+            carry_s = torch.eye(span, dtype=eta.dtype, device=eta.device).expand(*eta.shape, span)
+            carry_s0 = torch.zeros_like(eta)
+        carry_w, carry_w0 = decay_products(keep)
+        written = carry_w * on[..., None, :]  # W_r = carry_w0[r] W_0 + sum_{i<=r} carry_w[r, i] on_i S_i
+        w_rows = torch.cat((carry_w0[..., None], written @ carry_s0[..., None], -(written @ carry_s)), dim=-1)
+        s_row = torch.cat((torch.zeros_like(carry_s0[..., -1:]), carry_s0[..., -1:], -carry_s[..., -1, :]), dim=-1)
+        first = F.one_hot(torch.zeros_like(eta[..., 0], dtype=torch.long), span + 2).to(eta.dtype)  # W_0
+        return torch.cat((first[..., None, :], w_rows, s_row[..., None, :]), dim=-2)
 
-        grads: per layer (B, H, R, d_in, d_out); eta, keep, on: (B, H, R). Returns the weights each chunk
-        reads (per layer (B, H, R, d_in, d_out): W_{r-1}), and the final weights and momentum."""
+    def _scan_run(self, weights: list[Tensor], momentum: list[Tensor], grads: list[Tensor], eta: Tensor,
+                  keep: Tensor, on: Tensor, padded: bool,
+                  queries: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """A run of R chunks whose gradients are all known (anchored): the recurrence over spans of SCAN_SPAN
+        chunks (one matmul per layer and span, cost R * span rather than R^2), the spans chained, and each
+        chunk's queries read at the weights before that chunk.
+
+        grads: per layer (B, H, R, d_in, d_out); eta, keep, on: (B, H, R); queries (B, H, R, b, d). Returns the
+        reads (B, H, R * b, d) and the final weights and momentum."""
         steps = self._bounded(grads)
-        if padded:  # a chunk of padding leaves the memory as it was: no step, eta = keep = 1
-            steps = [g * on[..., None, None] for g in steps]
+        if padded:  # a chunk of padding leaves the memory as it was: no step (its G is 0), eta = keep = 1
             eta, keep = on * eta + (1.0 - on), on * keep + (1.0 - on)
+        else:
+            on = torch.ones_like(on)
         if not self.cfg.decay:
             keep = torch.ones_like(keep)
+        # The coefficients of all whole spans at once (few small ops), the last partial span apart.
+        whole = eta.shape[-1] // SCAN_SPAN * SCAN_SPAN
+        gates = (eta, keep, on)
+        span_coefficients = []
+        if whole:
+            span_coefficients += self._scan_coefficients(
+                *(g[..., :whole].unflatten(-1, (-1, SCAN_SPAN)) for g in gates)).unbind(2)
+        if whole < eta.shape[-1]:
+            span_coefficients.append(self._scan_coefficients(*(g[..., whole:] for g in gates)))
         # Split once (slicing per span would zero-fill the whole run in every span's backward).
         span_steps = list(zip(*(g.split(SCAN_SPAN, dim=2) for g in steps)))
-        span_gates = zip(eta.split(SCAN_SPAN, dim=-1), keep.split(SCAN_SPAN, dim=-1), on.split(SCAN_SPAN, dim=-1))
-        reads: list[list[Tensor]] = [[] for _ in weights]
+        reads = []
         weights, momentum = list(weights), list(momentum)
-        for span_step, (span_eta, span_keep, span_on) in zip(span_steps, span_gates):
-            if self.cfg.momentum:
-                carry_s, carry_s0 = decay_products(span_eta)
-            carry_w, carry_w0 = decay_products(span_keep)
+        for span_step, coefficients, span_queries in zip(span_steps, span_coefficients,
+                                                         queries.split(SCAN_SPAN, dim=2)):
+            span = span_queries.shape[2]
+            read_weights = []
             for i, step in enumerate(span_step):
                 shape = step.shape[-2:]
-                s = -step.flatten(-2)  # (B, H, span, d_in * d_out)
-                if self.cfg.momentum:
-                    s = carry_s @ s + carry_s0[..., None] * momentum[i].flatten(-2)[..., None, :]
-                written = s * span_on[..., None] if padded else s  # padding adds no step to the weights
-                w = carry_w @ written + carry_w0[..., None] * weights[i].flatten(-2)[..., None, :]
-                s, w = s.unflatten(-1, shape), w.unflatten(-1, shape)
-                reads[i].append(torch.cat((weights[i].unsqueeze(2), w[:, :, :-1]), dim=2))
-                weights[i], momentum[i] = w[:, :, -1], s[:, :, -1]
-        return [torch.cat(r, dim=2) for r in reads], weights, momentum
+                rows = torch.cat((weights[i].flatten(-2)[:, :, None], momentum[i].flatten(-2)[:, :, None],
+                                  step.flatten(-2)), dim=2)  # (B, H, span + 2, d_in * d_out)
+                # One split, not three slices: its backward is one cat instead of three zero-filled copies.
+                read, w, m = (coefficients @ rows).unflatten(-1, shape).split([span, 1, 1], dim=2)
+                read_weights.append(read)  # chunk r reads W_{r-1}
+                weights[i], momentum[i] = w.squeeze(2), m.squeeze(2)
+            reads.append(mlp_forward(read_weights, span_queries)[0])
+        return torch.cat(reads, dim=2).flatten(2, 3), weights, momentum
 
     # ------------------------------------------------------------------------------------ operations
     def retrieve(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -302,7 +341,12 @@ class NeuralMemory(nn.Module):
         outs, surprises = [], []
         for xb, vb in zip(x.split(block, dim=1), valid.split(block, dim=1) if valid is not None else repeat(None)):
             if torch.is_grad_enabled():
-                out, surprise, state = checkpoint(self._update_and_retrieve, xb, state, vb, use_reentrant=False)
+                # Only the memory itself is recomputed: the projections around it (a fraction of its
+                # activations, most of the recompute's matmul work) keep theirs.
+                new = dict(state)
+                q, k, v, gates = self._inputs(xb, state, new, vb)
+                read, surprise, state = checkpoint(self._write_read, q, k, v, gates, new, use_reentrant=False)
+                out = self._output(read, xb, vb)
             else:
                 out, surprise, state = self._update_and_retrieve(xb, state, vb)
             outs.append(out)
@@ -318,6 +362,13 @@ class NeuralMemory(nn.Module):
         Returns (gated output (B, T, model_dim), surprise (B, T) = per-token gradient norm averaged over
         heads, new state)."""
         new = dict(state)
+        read, surprise, new = self._write_read(*self._inputs(x, state, new, valid), new)
+        return self._output(read, x, valid), surprise, new
+
+    def _inputs(self, x: Tensor, state: MemoryState, new: MemoryState,
+                valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, d) and the per-token gates (B, H, T, 4): theta, eta, alpha, valid. The conv
+        tails go into `new`."""
         mdt = state["w0"].dtype
         q = self._project(self.to_q, "q", x, state, new, normalise=True).to(mdt)
         k = self._project(self.to_k, "k", x, state, new, normalise=True).to(mdt)
@@ -326,8 +377,14 @@ class NeuralMemory(nn.Module):
         theta = gates[:, :, 0] * self.cfg.theta_max
         eta, alpha = gates[:, :, 1], gates[:, :, 2]
         ok = torch.ones_like(theta) if valid is None else valid.to(mdt)[..., None].expand_as(theta)
-        new_gates = torch.stack((theta, eta, alpha, ok), dim=-1).transpose(1, 2)  # (B, H, T, 4)
+        return q, k, v, torch.stack((theta, eta, alpha, ok), dim=-1).transpose(1, 2)
 
+    def _write_read(self, q: Tensor, k: Tensor, v: Tensor, new_gates: Tensor,
+                    state: MemoryState) -> tuple[Tensor, Tensor, MemoryState]:
+        """The memory proper on projected inputs (see `_inputs`): writes them chunk by chunk and reads the
+        queries. Returns (reads (B, H, T, d), surprise (B, T), new state)."""
+        new = dict(state)
+        mdt = state["w0"].dtype
         n_pending = state["pending_k"].shape[2]
         keys = torch.cat((state["pending_k"], k), dim=2)
         values = torch.cat((state["pending_v"], v), dim=2)
@@ -381,21 +438,18 @@ class NeuralMemory(nn.Module):
                 # window-start weights, so all of them are one batched backward.
                 if (written + c) % anchor_every == 0:
                     anchor = list(weights)
-                span = run_keys.shape[2] // run
-                window = [w.unsqueeze(2) for w in anchor]
-                out, inputs, pre = mlp_forward(window, run_keys.unflatten(2, (run, span)))
-                grads, grad_norm = mlp_backward(window, inputs, pre, out - run_values.unflatten(2, (run, span)),
-                                                run_weight.unflatten(2, (run, span)))
-                grad_norm = grad_norm.flatten(2, 3)
+                # One matmul over the run's tokens per layer; only the weight gradients are per chunk.
+                out, inputs, pre = mlp_forward(anchor, run_keys)
+                grads, grad_norm = mlp_backward(anchor, inputs, pre, out - run_values, run_weight, chunks=run)
                 chunk_grads = [[g[:, :, 0] for g in grads]] if run == 1 else []
             surprises.append(2.0 * grad_norm[:, :, max(start, n_pending) - start:])
             if run > 1:  # every gradient of the run is known: momentum, forgetting and reads in parallel
                 window_gates = (eta_full[..., c:c + run], keep_full[..., c:c + run], on_full[..., c:c + run])
-                read_weights, weights, momentum = self._scan_run(weights, momentum, grads, *window_gates, padded)
                 pad = max(0, n_pending - start)  # pending queries were read when they arrived
                 queries = torch.cat((q.new_zeros(*q.shape[:2], pad, q.shape[3]), *q_chunks[c:c + run]), dim=2)
-                out = mlp_forward(read_weights, queries.unflatten(2, (run, b)))[0]
-                reads.append(out.flatten(2, 3)[:, :, pad:])
+                out, weights, momentum = self._scan_run(weights, momentum, grads, *window_gates, padded,
+                                                        queries.unflatten(2, (run, b)))
+                reads.append(out[:, :, pad:])
                 continue
             for j in range(run):
                 if anchor_every > 1:  # reads at the current weights, chunk by chunk
@@ -420,10 +474,5 @@ class NeuralMemory(nn.Module):
         for i in range(self.depth):
             new[f"w{i}"] = weights[i]
             new[f"s{i}"] = momentum[i]
-        new["seen"] = state["seen"] + x.shape[1]
-        read = torch.cat(reads, dim=2)
-        surprise = torch.cat(surprises, dim=2).mean(dim=1)
-        out = self._output(read, x)
-        if valid is not None:
-            out = out * valid[..., None].to(out.dtype)
-        return out.to(x.dtype), surprise, new
+        new["seen"] = state["seen"] + q.shape[2]
+        return torch.cat(reads, dim=2), torch.cat(surprises, dim=2).mean(dim=1), new
