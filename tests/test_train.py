@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from titans_runtime.config import config_from_dict
 from titans_runtime.errors import ConfigError
 from titans_runtime.model.titans import TitanModel
 from titans_runtime.model.tokenizer import ByteTokenizer
 from titans_runtime.training.config import DataConfig, TrainConfig, load_train_config
-from titans_runtime.training.data import Corpus, load_corpus, passkey_example, repeat_sequence
+from titans_runtime.training.data import Corpus, load_corpus, noise_repeat_sequence, passkey_example, repeat_sequence
 from titans_runtime.training.loop import Trainer, parameter_group, sequence_loss
 from titans_runtime.training.schedule import learning_rate
 
@@ -109,6 +110,22 @@ def test_gradient_reaches_memory_written_earlier_in_the_window():
     assert g.abs().max() > 0
 
 
+def test_loss_weights_count_each_token_that_many_times():
+    torch.manual_seed(0)
+    model = TitanModel(config_from_dict({**MICRO, "dtype": "float64"}))
+    tokens = torch.randint(0, 256, (2, 33))
+    plain, _ = sequence_loss(model, tokens, model.initial_state(2), 16)
+    ones, _ = sequence_loss(model, tokens, model.initial_state(2), 16, weights=torch.ones(2, 33))
+    torch.testing.assert_close(ones, plain)
+    # One token (row 1, position 20: the target of the 20th input) weighted 3, the rest 0.
+    weights = torch.zeros(2, 33)
+    weights[1, 20] = 3.0
+    one, _ = sequence_loss(model, tokens, model.initial_state(2), 16, weights=weights)
+    logits = model(tokens[:, :-1]).logits
+    expected = 3.0 * F.cross_entropy(logits[1, 19], tokens[1, 20])
+    torch.testing.assert_close(one, expected.to(one.dtype))
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = TitanModel(config_from_dict({**MICRO, "dtype": "float64"}))
@@ -166,6 +183,16 @@ def test_synthetic_tasks():
     assert twice, "the passage must occur twice"
     passage = twice[0]
     assert any(b != (a + 1 - 97) % 26 + 97 for a, b in zip(passage, passage[1:])), "passage not shuffled"
+    # Noise: random tokens from a small alphabet of the corpus' tokens, with the passage twice.
+    cfg = DataConfig(passage_min=20, passage_max=20, noise_share=1.0, noise_alphabet=8)
+    seq, weights = noise_repeat_sequence(corpus, rng, 400, cfg, min_gap=128)
+    assert seq.numel() == 400 and seq.unique().numel() <= 8
+    assert set(seq.tolist()) <= set(text.tolist())
+    pairs = [(i, j) for i in range(381) for j in range(i + 148, 381) if torch.equal(seq[i:i + 20], seq[j:j + 20])]
+    assert pairs, "the passage must occur twice, at least 128 tokens apart"
+    # Only the second reading counts in the loss: the rest is noise nothing can predict.
+    second = pairs[0][1]
+    assert weights.sum() == 20 and bool((weights[second:second + 20] == 1).all())
     tok = ByteTokenizer()
     ex = passkey_example(tok, "12345", torch.tensor(list(b"hay " * 10)))
     assert tok.decode(ex.tokens[ex.answer_start:ex.answer_end].tolist()) == "12345"

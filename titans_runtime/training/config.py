@@ -23,6 +23,10 @@ class DataConfig:
     synthetic_fraction: float = 0.5  # share of sequences built from long-range synthetic tasks
     passkey_share: float = 0.5       # of the synthetic ones: pass-key facts (the rest: repeats after a gap)
     shuffled_share: float = 0.0      # of the repeated passages: shuffled text (unpredictable but for memory)
+    noise_share: float = 0.0         # of the repeats: random tokens end to end (passage, gap, surroundings)
+    noise_alphabet: int = 32         # distinct tokens (drawn from the corpus) a noise sequence uses
+    noise_weight: float = 1.0        # loss weight of a noise sequence's repeated passage (its only loss):
+                                     # > 1 keeps the recall signal strong beside the text's
     passage_min: int = 24            # repeated passage length range (tokens)
     passage_max: int = 96
     # Smallest gap between a passage and its repeat, in attention windows. Gaps shorter than a TBPTT
@@ -35,6 +39,9 @@ class DataConfig:
         _require(0.0 <= self.synthetic_fraction <= 1.0, f"{path}.synthetic_fraction", "must lie in [0, 1]")
         _require(0.0 <= self.passkey_share <= 1.0, f"{path}.passkey_share", "must lie in [0, 1]")
         _require(0.0 <= self.shuffled_share <= 1.0, f"{path}.shuffled_share", "must lie in [0, 1]")
+        _require(0.0 <= self.noise_share <= 1.0, f"{path}.noise_share", "must lie in [0, 1]")
+        _require(self.noise_alphabet >= 2, f"{path}.noise_alphabet", "must be at least 2")
+        _require(self.noise_weight > 0, f"{path}.noise_weight", "must be positive")
         _require(0 < self.passage_min <= self.passage_max, f"{path}.passage_min", "must be in 1..passage_max")
         _require(self.min_gap_windows >= 0, f"{path}.min_gap_windows", "must be >= 0")
 

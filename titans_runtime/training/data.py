@@ -2,6 +2,9 @@
 mixed with synthetic long-range tasks that only a memory reaching past the attention window can solve:
 
 - repeat after a gap: a passage A (corpus text, or a shuffled slice of it), unrelated text, then A again;
+- the same in random tokens end to end: nothing but the memory predicts anything in it, so the gradient
+  of the second A reaches the memory undiluted by language modelling (the signal that first teaches
+  the outer loop to write and read);
 - pass-key facts: "The pass key is 12345. Remember it. ..." haystack "... What is the pass key? The pass
   key is 12345."
 
@@ -119,6 +122,26 @@ def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: 
     return torch.cat(parts)
 
 
+def noise_repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int,
+                          split: str = "train") -> tuple[Tensor, Tensor]:
+    """noise, A, noise gap (>= min_gap where it fits), A again, noise: `length` random tokens over an
+    alphabet of `noise_alphabet` tokens that occur in the corpus. Returns the tokens and their loss weights:
+    `noise_weight` on the second A, 0 elsewhere (noise is unpredictable by construction; its loss would only add
+    gradient noise that drowns the recall signal)."""
+    alphabet = corpus.sample(rng, 4 * cfg.noise_alphabet, split).unique()
+    alphabet = alphabet[torch.from_numpy(rng.permutation(alphabet.numel())[:cfg.noise_alphabet])]
+    noise = alphabet[torch.from_numpy(rng.integers(0, alphabet.numel(), length))]
+    la = min(int(rng.integers(cfg.passage_min, cfg.passage_max + 1)), max(1, length // 3))
+    room = length - 2 * la
+    gap = int(rng.integers(min(min_gap, room), room + 1))
+    lead = int(rng.integers(0, room - gap + 1))
+    second = lead + la + gap
+    noise[second:second + la] = noise[lead:lead + la]
+    weights = torch.zeros(length)
+    weights[second:second + la] = cfg.noise_weight
+    return noise, weights
+
+
 def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int,
                      split: str = "train") -> Tensor:
     """text, needle, haystack, question + answer, text: `length` tokens."""
@@ -134,13 +157,18 @@ def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, l
 
 
 def build_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int, cfg: DataConfig,
-                   min_gap: int, split: str = "train") -> Tensor:
-    """One training sequence: plain text or a synthetic long-range task, chosen by the mix in `cfg`."""
+                   min_gap: int, split: str = "train") -> tuple[Tensor, Tensor]:
+    """One training sequence, plain text or a synthetic long-range task chosen by the mix in `cfg`, and the
+    loss weight of each token (1 but in noise sequences)."""
     if rng.random() >= cfg.synthetic_fraction:
-        return corpus.sample(rng, length, split)
-    if rng.random() < cfg.passkey_share:
-        return passkey_sequence(corpus, tokenizer, rng, length, split)
-    return repeat_sequence(corpus, rng, length, cfg, min_gap, split)
+        tokens = corpus.sample(rng, length, split)
+    elif rng.random() < cfg.passkey_share:
+        tokens = passkey_sequence(corpus, tokenizer, rng, length, split)
+    elif cfg.noise_share > 0 and rng.random() < cfg.noise_share:
+        return noise_repeat_sequence(corpus, rng, length, cfg, min_gap, split)
+    else:
+        tokens = repeat_sequence(corpus, rng, length, cfg, min_gap, split)
+    return tokens, torch.ones(length)
 
 
 class SequenceBatches:
@@ -152,9 +180,10 @@ class SequenceBatches:
         self.batch_size, self.length, self.min_gap, self.seed, self.split = batch_size, length, min_gap, seed, split
 
     def __getitem__(self, index: int) -> Tensor:
-        rows = []
-        for row in range(self.batch_size):
-            rng = np.random.default_rng([self.seed, index, row])
-            seq = build_sequence(self.corpus, self.tokenizer, rng, self.length, self.cfg, self.min_gap, self.split)
-            rows.append(seq)
-        return torch.stack(rows)
+        return self.weighted(index)[0]
+
+    def weighted(self, index: int) -> tuple[Tensor, Tensor]:
+        """The batch's tokens (B, length) and their loss weights (B, length)."""
+        rows = [build_sequence(self.corpus, self.tokenizer, np.random.default_rng([self.seed, index, row]),
+                               self.length, self.cfg, self.min_gap, self.split) for row in range(self.batch_size)]
+        return torch.stack([t for t, _ in rows]), torch.stack([w for _, w in rows])

@@ -83,8 +83,9 @@ def make_optimizer(model: TitanModel, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def sequence_loss(model: TitanModel, tokens: Tensor, state: StreamState, segment_len: int,
-                  checkpointing: bool = False) -> tuple[Tensor, StreamState]:
-    """Summed next-token NLL over `tokens` (B, n+1) read segment by segment, carrying `state`."""
+                  checkpointing: bool = False, weights: Tensor | None = None) -> tuple[Tensor, StreamState]:
+    """Summed next-token NLL over `tokens` (B, n+1) read segment by segment, carrying `state`; with
+    `weights` (B, n+1), token i's loss counts weights[:, i] times."""
     total = tokens.new_zeros((), dtype=torch.float32)
 
     def run(inp: Tensor, st: StreamState) -> tuple[Tensor, StreamState]:
@@ -101,14 +102,17 @@ def sequence_loss(model: TitanModel, tokens: Tensor, state: StreamState, segment
             logits, state = checkpoint(run, inp, state, use_reentrant=False)
         else:
             logits, state = run(inp, state)
-        total = total + F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+        nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+        if weights is not None:
+            nll = nll * weights[:, start + 1:end + 1].flatten()
+        total = total + nll.sum()
     return total, state
 
 
 @dataclass
 class StepResult:
     step: int
-    loss: float              # mean next-token NLL (nats) of the window
+    loss: float              # mean next-token NLL (nats) of the window, weighted by the data's loss weights
     lr: float
     grad_norm: float
     tokens: int
@@ -154,7 +158,7 @@ class Trainer:
         self.elapsed = 0.0
         self.carried: StreamState | None = None
         self.skipped = 0  # windows skipped for a non-finite loss
-        self._cached: tuple[int, Tensor] | None = None
+        self._cached: tuple[int, tuple[Tensor, Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------ plumbing
     @property
@@ -175,9 +179,11 @@ class Trainer:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def sequence_batch(self, index: int) -> Tensor:
+    def sequence_batch(self, index: int) -> tuple[Tensor, Tensor]:
+        """Tokens and loss weights of training batch `index` (the windows of one batch reuse it)."""
         if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self.batches[index].to(self.device))
+            tokens, weights = self.batches.weighted(index)
+            self._cached = (index, (tokens.to(self.device), weights.to(self.device)))
         return self._cached[1]
 
     # -------------------------------------------------------------------------------------- steps
@@ -185,18 +191,20 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         seq_index, window = divmod(self.step, cfg.windows_per_sequence)
-        tokens = self.sequence_batch(seq_index)
+        tokens, weights = self.sequence_batch(seq_index)
         start = window * self.window_len
         chunk = tokens[:, start:start + self.window_len + 1]
+        chunk_weights = weights[:, start:start + self.window_len + 1]
         state = self.model.initial_state(cfg.batch_size) if window == 0 or self.carried is None else self.carried
         lr = learning_rate(self.step, cfg.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         with self.autocast():
-            total, state = sequence_loss(self.model, chunk, state, self.segment_len, cfg.activation_checkpointing)
+            total, state = sequence_loss(self.model, chunk, state, self.segment_len, cfg.activation_checkpointing,
+                                         chunk_weights)
         n_tokens = chunk.numel() - chunk.shape[0]
-        loss = total / n_tokens
+        loss = total / chunk_weights[:, 1:].sum().clamp_min(1.0)  # the weighted mean
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             # A diverged window (e.g. an inner-loop blow-up): skip the update, restart the stream state.
