@@ -103,6 +103,34 @@ def test_padding_at_the_end_matches_the_unpadded_stream():
     torch.testing.assert_close(padded.logits[1:, :11], short.logits, atol=1e-10, rtol=0)
 
 
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_sliding_window_in_query_blocks_equals_one_block(variant, monkeypatch):
+    """A call longer than WINDOW_BLOCKS windows attends in query blocks: same outputs and gradients as
+    one block over every key (with persistent tokens, a cache from an earlier call, and padding)."""
+    import titans_runtime.model.core as core
+
+    model = make_model(small_config(variant))
+    ids = torch.randint(0, 50, (2, 70))
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, 47:] = 0
+    results = []
+    for blocks in (core.WINDOW_BLOCKS, 1000):
+        monkeypatch.setattr(core, "WINDOW_BLOCKS", blocks)
+        model.zero_grad()
+        first = model(ids[:, :10])
+        out = model(ids[:, 10:], attention_mask=mask, state=first.state)
+        (out.logits * mask[..., None]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), out.knowledge.detach(), grads))
+    (logits, knowledge, grads), (ref_logits, ref_knowledge, ref_grads) = results
+    torch.testing.assert_close(logits[0], ref_logits[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(logits[1, :47], ref_logits[1, :47], atol=1e-10, rtol=0)
+    torch.testing.assert_close(knowledge, ref_knowledge, atol=1e-10, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-9, rtol=1e-9, msg=name)
+
 # ------------------------------------------------------------------------------------------ plain LLaMA
 def reference_llama(model: TitanModel, ids: torch.Tensor) -> torch.Tensor:
     """Meta's llama/model.py forward, written independently: complex rotary, full causal attention."""

@@ -13,6 +13,7 @@ from titans_runtime.config import TitansConfig
 from titans_runtime.model.llama import Attention, FeedForward, RMSNorm, Rotary
 
 CoreState = dict[str, Tensor]
+WINDOW_BLOCKS = 4  # sliding-window attention over a call longer than this many windows runs in query blocks
 
 
 class MemoryPort(Protocol):
@@ -137,11 +138,27 @@ class Core(nn.Module):
             extra_k.append(hk)
             extra_v.append(hv)
             extra_m.append((h_pos[None, :] <= positions[:, None])[None, None])
-        if not extra_k:
-            return attn.attend(q, keys, values, mask)
-        extra_mask = torch.cat([m.expand(-1, -1, a.shape[1], -1) for m in extra_m], dim=-1)
-        return attn.attend(q, keys, values, mask, torch.cat(extra_k, 2), torch.cat(extra_v, 2), extra_mask,
-                           n_persistent)
+        extra = None
+        if extra_k:
+            extra_mask = torch.cat([m.expand(-1, -1, a.shape[1], -1) for m in extra_m], dim=-1)
+            extra = (torch.cat(extra_k, 2), torch.cat(extra_v, 2), extra_mask)
+        steps, block = a.shape[1], WINDOW_BLOCKS * self.window
+        if self.variant == "mac" or steps <= block:
+            return attn.attend(q, keys, values, mask, *(extra or ()), n_persistent=n_persistent)
+        # Sliding window over a long call: queries in blocks, each against the keys its window reaches
+        # (cost T * (block + window), not T^2; the same result, the masked keys contribute nothing).
+        n_cache = keys.shape[2] - steps
+        outs, masses = [], []
+        for start in range(0, steps, block):
+            end = min(steps, start + block)
+            first = max(0, n_cache + start - self.window + 1)
+            rows, reach = slice(start, end), slice(first, n_cache + end)
+            block_extra = () if extra is None else (extra[0], extra[1], extra[2][:, :, rows])
+            out, mass = attn.attend(q[:, :, rows], keys[:, :, reach], values[:, :, reach], mask[:, :, rows, reach],
+                                    *block_extra, n_persistent=n_persistent)
+            outs.append(out)
+            masses.append(mass)
+        return torch.cat(outs, dim=1), torch.cat(masses, dim=1)
 
     # --------------------------------------------------------------------------------------- forward
     def forward(
