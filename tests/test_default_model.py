@@ -46,9 +46,9 @@ def test_default_model_predicts_better_with_what_its_memory_wrote(model, corpus)
     assert on <= off - 0.05, (on, off)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6: the shipped default (MAG, 1,400 CPU steps) does not yet recall a passage "
-                   "beyond its window (repeat ratio 0.999 on vs 1.014 off, see MODEL_CARD.md); strict, so a model "
-                   "that works turns this into a failure until the marker is removed")
+@pytest.mark.xfail(strict=True, reason="issue 6: the shipped default (MAG, 1,400 CPU steps) does not yet recall a "
+                   "passage beyond its window (repeat ratio 0.999 on vs 1.014 off, see MODEL_CARD.md); strict, so a "
+                   "model that works turns this into a failure until the marker is removed")
 def test_default_model_remembers_beyond_its_window(model, corpus):
     """Passage A, 8 windows of unseen text, A again: the memory makes the second reading cheaper;
     resetting the memory every segment takes that gain away."""
