@@ -126,6 +126,22 @@ def test_loss_weights_count_each_token_that_many_times():
     torch.testing.assert_close(one, expected.to(one.dtype))
 
 
+def test_training_step_loss_is_the_weighted_mean(tmp_path):
+    """With noise repeats only, a step's loss is the NLL of the second readings alone (weights from the data)."""
+    cfg = micro_setup(tmp_path, windows_per_sequence=1)  # the whole sequence in the first step's window
+    cfg.data.synthetic_fraction, cfg.data.passkey_share, cfg.data.noise_share = 1.0, 0.0, 1.0
+    cfg.data.noise_weight = 2.5
+    trainer = Trainer(cfg, tmp_path / "run")
+    tokens, weights = trainer.batches.weighted(0)
+    chunk, chunk_weights = tokens[:, :trainer.window_len + 1], weights[:, :trainer.window_len + 1]
+    assert 0 < chunk_weights.sum() < chunk_weights.numel(), "the window must hold part of a second reading"
+    with torch.no_grad():
+        total, _ = sequence_loss(trainer.model, chunk, trainer.model.initial_state(2), trainer.segment_len,
+                                 weights=chunk_weights)
+    expected = float(total / chunk_weights[:, 1:].sum())
+    assert trainer.train_step().loss == pytest.approx(expected, rel=1e-5)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = TitanModel(config_from_dict({**MICRO, "dtype": "float64"}))

@@ -104,14 +104,21 @@ def _fill(corpus: Corpus, rng: np.random.Generator, length: int, split: str) -> 
     return corpus.sample(rng, length, split) if length > 0 else torch.zeros(0, dtype=torch.long)
 
 
-def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int,
-                    split: str = "train") -> Tensor:
-    """text, A, gap text (>= min_gap where it fits), A again, text: `length` tokens."""
-    la = int(rng.integers(cfg.passage_min, cfg.passage_max + 1))
-    la = min(la, max(1, length // 3))
+def repeat_layout(rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int) -> tuple[int, int, int]:
+    """Where a repeat goes in `length` tokens: (passage length, lead before it, gap before the second reading;
+    the gap >= min_gap where it fits)."""
+    la = min(int(rng.integers(cfg.passage_min, cfg.passage_max + 1)), max(1, length // 3))
     room = length - 2 * la
     gap = int(rng.integers(min(min_gap, room), room + 1))
     lead = int(rng.integers(0, room - gap + 1))
+    return la, lead, gap
+
+
+def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int,
+                    split: str = "train") -> Tensor:
+    """text, A, gap text (>= min_gap where it fits), A again, text: `length` tokens."""
+    la, lead, gap = repeat_layout(rng, length, cfg, min_gap)
+    room = length - 2 * la
     passage = corpus.sample(rng, la, split)
     if cfg.shuffled_share > 0 and rng.random() < cfg.shuffled_share:
         # The same tokens in random order: no language model predicts them, only a memory of the first
@@ -126,15 +133,12 @@ def noise_repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int,
                           split: str = "train") -> tuple[Tensor, Tensor]:
     """noise, A, noise gap (>= min_gap where it fits), A again, noise: `length` random tokens over an
     alphabet of `noise_alphabet` tokens that occur in the corpus. Returns the tokens and their loss weights:
-    `noise_weight` on the second A, 0 elsewhere (noise is unpredictable by construction; its loss would only add
-    gradient noise that drowns the recall signal)."""
+    `noise_weight` on the second A, 0 elsewhere (noise is unpredictable by construction; its loss would only
+    add gradient noise that drowns the recall signal)."""
     alphabet = corpus.sample(rng, 4 * cfg.noise_alphabet, split).unique()
     alphabet = alphabet[torch.from_numpy(rng.permutation(alphabet.numel())[:cfg.noise_alphabet])]
     noise = alphabet[torch.from_numpy(rng.integers(0, alphabet.numel(), length))]
-    la = min(int(rng.integers(cfg.passage_min, cfg.passage_max + 1)), max(1, length // 3))
-    room = length - 2 * la
-    gap = int(rng.integers(min(min_gap, room), room + 1))
-    lead = int(rng.integers(0, room - gap + 1))
+    la, lead, gap = repeat_layout(rng, length, cfg, min_gap)
     second = lead + la + gap
     noise[second:second + la] = noise[lead:lead + la]
     weights = torch.zeros(length)
