@@ -15,7 +15,8 @@ from titans_runtime.errors import ConfigError
 from titans_runtime.model.titans import TitanModel
 from titans_runtime.model.tokenizer import ByteTokenizer
 from titans_runtime.training.config import DataConfig, TrainConfig, load_train_config
-from titans_runtime.training.data import Corpus, load_corpus, noise_repeat_sequence, passkey_example, repeat_sequence
+from titans_runtime.training.data import (Corpus, load_corpus, noise_repeat_sequence, passkey_example, passkey_sequence,
+                                          repeat_sequence)
 from titans_runtime.training.loop import Trainer, parameter_group, sequence_loss
 from titans_runtime.training.schedule import learning_rate
 
@@ -189,16 +190,19 @@ def test_synthetic_tasks():
     rng = np.random.default_rng(0)
     text = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz" * 40), dtype=torch.int32)
     corpus = Corpus(["t"], [text], [text])
-    seq = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20), min_gap=128)
-    assert seq.numel() == 400
+    seq, weights = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20), min_gap=128)
+    assert seq.numel() == 400 and bool((weights == 1).all())
     # A shuffled passage: the same 20 tokens twice, at least 128 apart, and not in the corpus' order.
-    seq = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20, shuffled_share=1.0),
-                          min_gap=128)
+    seq, weights = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20, shuffled_share=1.0,
+                                                                recall_weight=4.0), min_gap=128)
     windows = {tuple(seq[i:i + 20].tolist()): i for i in range(381)}
     twice = [w for w in windows if sum(tuple(seq[i:i + 20].tolist()) == w for i in range(381)) == 2]
     assert twice, "the passage must occur twice"
     passage = twice[0]
     assert any(b != (a + 1 - 97) % 26 + 97 for a, b in zip(passage, passage[1:])), "passage not shuffled"
+    # recall_weight on the second reading only: 20 tokens weigh 4, the other 380 weigh 1.
+    second = max(i for i in range(381) if tuple(seq[i:i + 20].tolist()) == passage)
+    assert bool((weights[second:second + 20] == 4).all()) and float(weights.sum()) == 380 + 4 * 20
     # Noise: random tokens from a small alphabet of the corpus' tokens, with the passage twice.
     cfg = DataConfig(passage_min=20, passage_max=20, noise_share=1.0, noise_alphabet=8)
     seq, weights = noise_repeat_sequence(corpus, rng, 400, cfg, min_gap=128)
@@ -214,6 +218,12 @@ def test_synthetic_tasks():
     assert tok.decode(ex.tokens[ex.answer_start:ex.answer_end].tolist()) == "12345"
     assert tok.decode(ex.tokens[:ex.answer_start].tolist()).endswith("What is the pass key? The pass key is ")
     assert tok.decode(ex.tokens.tolist()).startswith("The pass key is 12345.")
+    # In a training sequence the answer (5 digits after the question) carries recall_weight.
+    seq, weights = passkey_sequence(corpus, tok, rng, 400, answer_weight=3.0)
+    heavy = (weights == 3).nonzero().flatten()
+    assert heavy.numel() == 5 and float(weights.sum()) == 395 + 15
+    assert tok.decode(seq[:int(heavy[0])].tolist()).endswith("What is the pass key? The pass key is ")
+    assert tok.decode(seq[int(heavy[0]):int(heavy[-1]) + 1].tolist()).isdigit()
 
 
 def test_corpus_holdout_is_the_tail(tmp_path):
