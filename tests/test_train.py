@@ -203,6 +203,10 @@ def test_synthetic_tasks():
     # recall_weight on the second reading only: 20 tokens weigh 4, the other 380 weigh 1.
     second = max(i for i in range(381) if tuple(seq[i:i + 20].tolist()) == passage)
     assert bool((weights[second:second + 20] == 4).all()) and float(weights.sum()) == 380 + 4 * 20
+    # context_weight 0: the second reading is all the loss sees.
+    _, weights = repeat_sequence(corpus, rng, 400, DataConfig(passage_min=20, passage_max=20, context_weight=0.0),
+                                 min_gap=128)
+    assert float(weights.sum()) == 20 and int((weights == 1).sum()) == 20
     # Noise: random tokens from a small alphabet of the corpus' tokens, with the passage twice.
     cfg = DataConfig(passage_min=20, passage_max=20, noise_share=1.0, noise_alphabet=8)
     seq, weights = noise_repeat_sequence(corpus, rng, 400, cfg, min_gap=128)
@@ -219,9 +223,9 @@ def test_synthetic_tasks():
     assert tok.decode(ex.tokens[:ex.answer_start].tolist()).endswith("What is the pass key? The pass key is ")
     assert tok.decode(ex.tokens.tolist()).startswith("The pass key is 12345.")
     # In a training sequence the answer (5 digits after the question) carries recall_weight.
-    seq, weights = passkey_sequence(corpus, tok, rng, 400, answer_weight=3.0)
+    seq, weights = passkey_sequence(corpus, tok, rng, 400, answer_weight=3.0, context_weight=0.5)
     heavy = (weights == 3).nonzero().flatten()
-    assert heavy.numel() == 5 and float(weights.sum()) == 395 + 15
+    assert heavy.numel() == 5 and float(weights.sum()) == 395 * 0.5 + 15
     assert tok.decode(seq[:int(heavy[0])].tolist()).endswith("What is the pass key? The pass key is ")
     assert tok.decode(seq[int(heavy[0]):int(heavy[-1]) + 1].tolist()).isdigit()
 

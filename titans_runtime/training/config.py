@@ -28,7 +28,9 @@ class DataConfig:
     noise_weight: float = 1.0        # loss weight of a noise sequence's repeated passage (its only loss):
                                      # > 1 keeps the recall signal strong beside the text's
     recall_weight: float = 1.0       # loss weight, in text tasks, of the tokens only a memory predicts (a
-                                     # repeat's second reading, the pass-key answer); the rest weighs 1
+                                     # repeat's second reading, the pass-key answer)
+    context_weight: float = 1.0      # loss weight of the other tokens of text tasks: 0 trains recall alone
+                                     # (a curriculum's first stage), 1 is plain language modelling
     passage_min: int = 24            # repeated passage length range (tokens)
     passage_max: int = 96
     # Smallest gap between a passage and its repeat, in attention windows. Gaps shorter than a TBPTT
@@ -45,6 +47,7 @@ class DataConfig:
         _require(self.noise_alphabet >= 2, f"{path}.noise_alphabet", "must be at least 2")
         _require(self.noise_weight > 0, f"{path}.noise_weight", "must be positive")
         _require(self.recall_weight > 0, f"{path}.recall_weight", "must be positive")
+        _require(self.context_weight >= 0, f"{path}.context_weight", "must be >= 0")
         _require(0 < self.passage_min <= self.passage_max, f"{path}.passage_min", "must be in 1..passage_max")
         _require(self.min_gap_windows >= 0, f"{path}.min_gap_windows", "must be >= 0")
 

@@ -117,7 +117,7 @@ def repeat_layout(rng: np.random.Generator, length: int, cfg: DataConfig, min_ga
 def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int,
                     split: str = "train") -> tuple[Tensor, Tensor]:
     """text, A, gap text (>= min_gap where it fits), A again, text: `length` tokens, and their loss weights
-    (`recall_weight` on the second A, 1 elsewhere)."""
+    (`recall_weight` on the second A, `context_weight` elsewhere)."""
     la, lead, gap = repeat_layout(rng, length, cfg, min_gap)
     room = length - 2 * la
     passage = corpus.sample(rng, la, split)
@@ -127,7 +127,7 @@ def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: 
         passage = passage[torch.from_numpy(rng.permutation(la))]
     parts = [_fill(corpus, rng, lead, split), passage, _fill(corpus, rng, gap, split), passage,
              _fill(corpus, rng, room - gap - lead, split)]
-    weights = torch.ones(length)
+    weights = torch.full((length,), cfg.context_weight)
     second = lead + la + gap
     weights[second:second + la] = cfg.recall_weight
     return torch.cat(parts), weights
@@ -151,15 +151,16 @@ def noise_repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int,
 
 
 def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int,
-                     split: str = "train", answer_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+                     split: str = "train", answer_weight: float = 1.0,
+                     context_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     """text, needle, haystack, question + answer, text: `length` tokens, and their loss weights
-    (`answer_weight` on the answer, 1 elsewhere)."""
+    (`answer_weight` on the answer, `context_weight` elsewhere)."""
     key = random_key(rng)
     empty = passkey_example(tokenizer, key, torch.zeros(0, dtype=torch.long))
     room = length - empty.tokens.numel()
-    weights = torch.ones(length)
-    if room < 0:
-        return corpus.sample(rng, length, split), weights
+    weights = torch.full((length,), context_weight)
+    if room < 0:  # no room for the task: plain text
+        return corpus.sample(rng, length, split), torch.ones(length)
     hay = int(rng.integers(0, room + 1))
     lead = int(rng.integers(0, room - hay + 1))
     example = passkey_example(tokenizer, key, _fill(corpus, rng, hay, split))
@@ -171,11 +172,11 @@ def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, l
 def build_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int, cfg: DataConfig,
                    min_gap: int, split: str = "train") -> tuple[Tensor, Tensor]:
     """One training sequence, plain text or a synthetic long-range task chosen by the mix in `cfg`, and the
-    loss weight of each token (1 but in noise sequences and where `recall_weight` applies)."""
+    loss weight of each token (1 in plain text; see `recall_weight`, `context_weight`, `noise_weight`)."""
     if rng.random() >= cfg.synthetic_fraction:
         return corpus.sample(rng, length, split), torch.ones(length)
     if rng.random() < cfg.passkey_share:
-        return passkey_sequence(corpus, tokenizer, rng, length, split, cfg.recall_weight)
+        return passkey_sequence(corpus, tokenizer, rng, length, split, cfg.recall_weight, cfg.context_weight)
     if cfg.noise_share > 0 and rng.random() < cfg.noise_share:
         return noise_repeat_sequence(corpus, rng, length, cfg, min_gap, split)
     return repeat_sequence(corpus, rng, length, cfg, min_gap, split)
