@@ -158,12 +158,12 @@ def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, l
     key = random_key(rng)
     empty = passkey_example(tokenizer, key, torch.zeros(0, dtype=torch.long))
     room = length - empty.tokens.numel()
-    weights = torch.full((length,), context_weight)
     if room < 0:  # no room for the task: plain text
         return corpus.sample(rng, length, split), torch.ones(length)
     hay = int(rng.integers(0, room + 1))
     lead = int(rng.integers(0, room - hay + 1))
     example = passkey_example(tokenizer, key, _fill(corpus, rng, hay, split))
+    weights = torch.full((length,), context_weight)
     weights[lead + example.answer_start:lead + example.answer_end] = answer_weight
     tokens = torch.cat((_fill(corpus, rng, lead, split), example.tokens, _fill(corpus, rng, room - hay - lead, split)))
     return tokens, weights
