@@ -104,6 +104,14 @@ def _fill(corpus: Corpus, rng: np.random.Generator, length: int, split: str) -> 
     return corpus.sample(rng, length, split) if length > 0 else torch.zeros(0, dtype=torch.long)
 
 
+def span_weights(length: int, rest: float, start: int, stop: int, weight: float) -> Tensor:
+    """Loss weights of a task sequence: `weight` on tokens start..stop-1 (what only a memory predicts),
+    `rest` everywhere else."""
+    weights = torch.full((length,), float(rest))
+    weights[start:stop] = weight
+    return weights
+
+
 def repeat_layout(rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int) -> tuple[int, int, int]:
     """Where a repeat goes in `length` tokens: (passage length, lead before it, gap before the second reading;
     the gap >= min_gap where it fits)."""
@@ -127,10 +135,8 @@ def repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: 
         passage = passage[torch.from_numpy(rng.permutation(la))]
     parts = [_fill(corpus, rng, lead, split), passage, _fill(corpus, rng, gap, split), passage,
              _fill(corpus, rng, room - gap - lead, split)]
-    weights = torch.full((length,), cfg.context_weight)
     second = lead + la + gap
-    weights[second:second + la] = cfg.recall_weight
-    return torch.cat(parts), weights
+    return torch.cat(parts), span_weights(length, cfg.context_weight, second, second + la, cfg.recall_weight)
 
 
 def noise_repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int, cfg: DataConfig, min_gap: int,
@@ -145,9 +151,7 @@ def noise_repeat_sequence(corpus: Corpus, rng: np.random.Generator, length: int,
     la, lead, gap = repeat_layout(rng, length, cfg, min_gap)
     second = lead + la + gap
     noise[second:second + la] = noise[lead:lead + la]
-    weights = torch.zeros(length)
-    weights[second:second + la] = cfg.noise_weight
-    return noise, weights
+    return noise, span_weights(length, 0.0, second, second + la, cfg.noise_weight)
 
 
 def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int,
@@ -163,10 +167,9 @@ def passkey_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, l
     hay = int(rng.integers(0, room + 1))
     lead = int(rng.integers(0, room - hay + 1))
     example = passkey_example(tokenizer, key, _fill(corpus, rng, hay, split))
-    weights = torch.full((length,), context_weight)
-    weights[lead + example.answer_start:lead + example.answer_end] = answer_weight
     tokens = torch.cat((_fill(corpus, rng, lead, split), example.tokens, _fill(corpus, rng, room - hay - lead, split)))
-    return tokens, weights
+    return tokens, span_weights(length, context_weight, lead + example.answer_start, lead + example.answer_end,
+                                answer_weight)
 
 
 def build_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int, cfg: DataConfig,
