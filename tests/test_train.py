@@ -250,7 +250,7 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
     assert main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "batchsize" in err and "\n" not in err
-    good = REPO / "configs" / "train" / "default.yaml"
+    good = REPO / "configs" / "train" / "text_mix.yaml"
     assert main(["--config", str(good), "--out", str(tmp_path / "o"), "--train", "memory,brain"]) == 2
     assert "brain" in capsys.readouterr().err
     with pytest.raises(ConfigError):

@@ -1,7 +1,7 @@
 """`titans-train` / `python launch/train.py`: train a Titans model from a YAML training config.
 
-    titans-train --config configs/train/default.yaml --out runs/default
-    titans-train --config configs/train/default.yaml --out runs/default --resume
+    titans-train --config configs/train/text_mix.yaml --out runs/text_mix
+    titans-train --config configs/train/text_mix.yaml --out runs/text_mix --resume
     titans-train --config configs/train/finetune.yaml --init models/llama --train memory,persistent
 """
 from __future__ import annotations
