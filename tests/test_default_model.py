@@ -32,16 +32,20 @@ def test_default_model_is_small_and_complete(model):
 
 
 @pytest.fixture(scope="module")
-def corpus(model):
-    return load_corpus([str(DATA)], load_tokenizer(model.config.tokenizer), 0.1)  # held-out tail = unseen
+def tokenizer(model):
+    return load_tokenizer(model.config.tokenizer)
 
 
-def test_default_model_predicts_better_with_what_its_memory_wrote(model, corpus):
+@pytest.fixture(scope="module")
+def corpus(tokenizer):
+    return load_corpus([str(DATA)], tokenizer, 0.1)  # held-out tail = unseen
+
+
+def test_default_model_predicts_better_with_what_its_memory_wrote(model, tokenizer, corpus):
     """Held-out text read segment by segment: with the long-term memory carried across segments the
     model needs fewer bits per byte than with the memory reset at every segment (a broken or unused
     memory fails here)."""
     tokens = text_batch(corpus, np.random.default_rng(7), streams=4, length=1024)
-    tokenizer = load_tokenizer(model.config.tokenizer)
     on = bits_per_byte(model, tokens, tokenizer, memory=True)
     off = bits_per_byte(model, tokens, tokenizer, memory=False)
     assert on <= off - 0.05, (on, off)
@@ -63,12 +67,11 @@ def test_default_model_remembers_beyond_its_window(model, corpus):
     assert on.ratio <= 0.7, on.ratio
 
 
-def test_default_model_retrieves_a_pass_key_beyond_its_window(model, corpus):
+def test_default_model_retrieves_a_pass_key_beyond_its_window(model, tokenizer, corpus):
     """A 5-digit key stated once, 16 windows of unseen text, then asked for: the memory returns it (the
     full evaluation measures 100 % at this length); with the memory reset every window it cannot."""
     window = window_len(model)
-    tokens, start, end = passkey_batch(corpus, load_tokenizer(model.config.tokenizer), np.random.default_rng(7),
-                                       trials=8, haystack=16 * window)
+    tokens, start, end = passkey_batch(corpus, tokenizer, np.random.default_rng(7), trials=8, haystack=16 * window)
     on = passkey(model, tokens, start, end, memory=True)
     off = passkey(model, tokens, start, end, memory=False)
     assert on.haystack >= 16 * window
