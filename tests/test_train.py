@@ -293,3 +293,33 @@ def test_cli_fine_tunes_a_model_folder_with_the_backbone_frozen(tmp_path):
     base, tuned = load_model(tmp_path / "base"), load_model(tmp_path / "tuned")
     for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b) == (parameter_group(name) not in ("memory", "persistent")), name
+
+
+def test_config_base_merges_sections_and_replaces_other_keys(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "model: ../tiny.yaml\nmodel_overrides: {variant: mag, memory.heads: 2}\n"
+        "data: {files: [corpora], recall_weight: 8.0, passkey_share: 0.3}\noptim: {lr: 1.0e-3, warmup_steps: 5}\n"
+        "steps: 50\nseed: 4\n")
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "base: ../base.yaml\nmodel_overrides: {memory.enabled: false}\ndata: {recall_weight: 2.0}\nsteps: 10\n")
+    cfg = load_train_config(tmp_path / "sub" / "child.yaml")
+    assert cfg.model_overrides == {"memory.enabled": False}           # replaced whole
+    assert (cfg.data.recall_weight, cfg.data.passkey_share) == (2.0, 0.3)  # merged key by key
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.seed) == (1e-3, 5, 10, 4)
+    # the base's relative paths still point where the base meant them
+    assert cfg.model == "../../tiny.yaml" and cfg.data.files == ["../corpora"]
+
+
+def test_config_base_errors_are_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_train_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: e.yaml\ndata: {recal_weight: 2.0}\n")
+    (tmp_path / "e.yaml").write_text("steps: 3\n")
+    with pytest.raises(ConfigError, match="recal_weight"):
+        load_train_config(tmp_path / "d.yaml")

@@ -1,6 +1,7 @@
 """The training config (YAML, validated like the model config): model, data, optimiser, TBPTT, cadence."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,50 @@ class TrainConfig:
         return to_dict(self)
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
+MERGED_SECTIONS = ("data", "optim")  # a `base:` file's sections that a config changes key by key
+
+
+def _rebased(value: str, base_dir: Path, config_dir: Path) -> str:
+    """A relative path written in the base file, made relative to the including config's folder."""
+    if Path(value).is_absolute() or base_dir == config_dir:
+        return value
+    return os.path.relpath(base_dir / value, config_dir)
+
+
+def read_train_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A training config's mapping, with `base: other.yaml` (relative to this file) resolved: the base's keys,
+    then this file's over them. `data` and `optim` merge key by key; any other key (model_overrides
+    included) replaces the base's whole. Bases can chain."""
+    path = Path(path)
     data = read_yaml(path)
+    base_name = data.pop("base", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base_name!r}")
+    base_path = path.parent / base_name
+    if base_path.resolve() in _seen + (path.resolve(),):
+        raise ConfigError(f"{path}: base: {base_name} includes itself")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: config file not found: {base_path}")
+    merged = read_train_yaml(base_path, _seen + (path.resolve(),))
+    base_dir, config_dir = base_path.parent.resolve(), path.parent.resolve()
+    for key in ("model", "init"):
+        if isinstance(merged.get(key), str):
+            merged[key] = _rebased(merged[key], base_dir, config_dir)
+    if isinstance(merged.get("data"), dict) and isinstance(merged["data"].get("files"), list):
+        merged["data"]["files"] = [_rebased(f, base_dir, config_dir) if isinstance(f, str) else f
+                                   for f in merged["data"]["files"]]
+    for key, value in data.items():
+        if key in MERGED_SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    data = read_train_yaml(path)
     try:
         return from_dict(TrainConfig, data)
     except ConfigError as exc:
