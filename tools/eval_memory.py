@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", help="PNG of pass-key accuracy vs haystack length")
+    p.add_argument("--plot-model", action="append", default=None,
+                   help="plot only this model, NAME or NAME=LEGEND (repeatable, in this order); default: every model")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--markdown", help="write the table as markdown here (for the README)")
     p.add_argument("--from-json", action="append", default=None,
@@ -65,21 +67,28 @@ def merge(args: argparse.Namespace, lengths: list[int]) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.plot:
-        plot(args.plot, results, lengths)
+        plot(args.plot, results, lengths, args.plot_model)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0
 
 
-def plot(path: str, results: dict, lengths: list[int]) -> None:
+def plot(path: str, results: dict, lengths: list[int], names: list[str] | None = None) -> None:
+    from titans_runtime.errors import InputError
     from titans_runtime.evaluation.png_plot import accuracy_plot
 
+    legends = {}
+    for spec in names or list(results):
+        name, _, legend = spec.rpartition("=") if spec not in results and "=" in spec else (spec, "", spec)
+        if name not in results:
+            raise InputError(f"--plot-model: no results for {name!r} (known: {', '.join(results)})")
+        legends[name] = legend
     series = []
-    for name, res in results.items():
-        for label, row in res["memory"].items():
+    for name, legend in legends.items():
+        for label, row in results[name]["memory"].items():
             pk = row.get("passkey", {})
             if all(str(m) in pk for m in lengths):
-                series.append((f"{name} memory {label}" if label != "none" else name,
+                series.append((f"{legend} memory {label}" if label != "none" else legend,
                                [pk[str(m)]["accuracy"] for m in lengths], label == "off"))
     accuracy_plot(path, [float(m) for m in lengths], series, "PASS-KEY ACCURACY VS HAYSTACK LENGTH",
                   "HAYSTACK (X ATTENTION WINDOW)")
@@ -185,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"{name} memory {label}: done in {row['seconds']:.0f}s")
     console.print(table)
     if args.plot and "passkey" in evals:
-        plot(args.plot, results, lengths)
+        plot(args.plot, results, lengths, args.plot_model)
         console.print(f"plot: {args.plot}")
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(results, lengths))

@@ -1,0 +1,49 @@
+"""tools/eval_memory.py's merge of earlier --json results: the table, and which models the plot draws."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import titans_runtime.evaluation.png_plot as png_plot
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("eval_memory", REPO / "tools" / "eval_memory.py")
+eval_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_memory)
+
+
+def _row(accuracy: float) -> dict:
+    return {"repeat": {"first": 2.0, "second": 1.0, "ratio": 0.5},
+            "passkey": {"1": {"accuracy": accuracy, "digit_accuracy": accuracy},
+                        "2": {"accuracy": accuracy, "digit_accuracy": accuracy}},
+            "bits_per_byte": 2.25}
+
+
+def _results(tmp_path: Path) -> Path:
+    results = {"titans, long name": {"variant": "mag", "params": 1000, "memory": {"on": _row(1.0), "off": _row(0.0)}},
+               "swa": {"variant": "mag", "params": 990, "memory": {"none": _row(0.0)}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"args": {}, "results": results}))
+    return path
+
+
+def test_merge_plots_the_chosen_models_under_their_legends(tmp_path, monkeypatch, capsys):
+    drawn = []
+    monkeypatch.setattr(png_plot, "accuracy_plot", lambda path, xs, series, *a, **k: drawn.append(series))
+    path = _results(tmp_path)
+    args = ["--from-json", str(path), "--lengths", "1,2", "--plot", str(tmp_path / "p.png")]
+    assert eval_memory.main(args + ["--plot-model", "swa", "--plot-model", "titans, long name=titans"]) == 0
+    assert [label for label, _, _ in drawn[0]] == ["swa", "titans memory on", "titans memory off"]
+    assert [dashed for _, _, dashed in drawn[0]] == [False, False, True]
+    assert "| titans, long name | mag | 1,000 | on | 2.000 -> 1.000 (0.500) | 100% (100%) |" in capsys.readouterr().out
+    assert eval_memory.main(args) == 0                      # no --plot-model: every model
+    assert len(drawn[1]) == 3
+
+
+def test_merge_names_an_unknown_plot_model_in_one_line(tmp_path, capsys):
+    path = _results(tmp_path)
+    assert eval_memory.main(["--from-json", str(path), "--lengths", "1,2", "--plot", str(tmp_path / "p.png"),
+                             "--plot-model", "nope"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and "\n" not in err
