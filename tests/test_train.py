@@ -16,7 +16,7 @@ from titans_runtime.model.titans import TitanModel
 from titans_runtime.model.tokenizer import ByteTokenizer
 from titans_runtime.training.config import DataConfig, TrainConfig, load_train_config
 from titans_runtime.training.data import (Corpus, load_corpus, noise_repeat_sequence, passkey_example, passkey_sequence,
-                                          repeat_sequence)
+                                          SequenceBatches, repeat_sequence)
 from titans_runtime.training.loop import Trainer, parameter_group, sequence_loss
 from titans_runtime.training.schedule import learning_rate
 
@@ -297,6 +297,7 @@ def test_cli_fine_tunes_a_model_folder_with_the_backbone_frozen(tmp_path):
 
 def test_config_base_merges_sections_and_replaces_other_keys(tmp_path):
     (tmp_path / "sub").mkdir()
+    (tmp_path / "corpora").mkdir()
     (tmp_path / "base.yaml").write_text(
         "model: ../tiny.yaml\nmodel_overrides: {variant: mag, memory.heads: 2}\n"
         "data: {files: [corpora], recall_weight: 8.0, passkey_share: 0.3}\noptim: {lr: 1.0e-3, warmup_steps: 5}\n"
@@ -308,7 +309,8 @@ def test_config_base_merges_sections_and_replaces_other_keys(tmp_path):
     assert (cfg.data.recall_weight, cfg.data.passkey_share) == (2.0, 0.3)  # merged key by key
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.seed) == (1e-3, 5, 10, 4)
     # the base's relative paths still point where the base meant them
-    assert cfg.model == "../../tiny.yaml" and cfg.data.files == ["../corpora"]
+    # a path beside the base is rebased; one the base meant from the working directory stays as written
+    assert cfg.data.files == ["../corpora"] and cfg.model == "../tiny.yaml"
 
 
 def test_config_base_errors_are_one_line(tmp_path):
@@ -323,3 +325,21 @@ def test_config_base_errors_are_one_line(tmp_path):
     (tmp_path / "e.yaml").write_text("steps: 3\n")
     with pytest.raises(ConfigError, match="recal_weight"):
         load_train_config(tmp_path / "d.yaml")
+
+
+def test_task_per_window_puts_one_task_in_each_window(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    corpus = load_corpus([str(tmp_path / "a.txt")], ByteTokenizer(), 0.1)
+    cfg = DataConfig(synthetic_fraction=1.0, passkey_share=0.0, recall_weight=5.0, passage_min=16, passage_max=16)
+    window = 128
+    batches = SequenceBatches(corpus, ByteTokenizer(), cfg, 3, 4 * window + 1, 32, seed=0, pieces=4)
+    tokens, weights = batches.weighted(0)
+    assert tokens.shape == weights.shape == (3, 4 * window + 1)
+    for row in weights:
+        # one repeat per window: 16 weighted tokens (the second reading) inside each window of 128
+        for w in range(4):
+            heavy = (row[w * window:(w + 1) * window] == 5.0).nonzero().flatten()
+            assert heavy.numel() == 16 and int(heavy[-1] - heavy[0]) == 15
+    # one piece gives the whole-sequence layout: a single repeat somewhere in the sequence
+    single = SequenceBatches(corpus, ByteTokenizer(), cfg, 3, 4 * window + 1, 32, seed=0).weighted(0)[1]
+    assert all(int((row == 5.0).sum()) == 16 for row in single)

@@ -37,6 +37,9 @@ class DataConfig:
     # Smallest gap between a passage and its repeat, in attention windows. Gaps shorter than a TBPTT
     # window let the gradient reach the memory writes; longer ones train reading only.
     min_gap_windows: float = 1.0
+    # With windows_per_sequence > 1: one task (or text) per TBPTT window, the state carried across them, so
+    # the memory learns to recall in a long stream; false: one task spread over the whole sequence.
+    task_per_window: bool = False
 
     def validate(self, path: str = "data") -> None:
         _require(len(self.files) > 0, f"{path}.files", "needs at least one file or folder")
@@ -113,8 +116,10 @@ MERGED_SECTIONS = ("data", "optim")  # a `base:` file's sections that a config c
 
 
 def _rebased(value: str, base_dir: Path, config_dir: Path) -> str:
-    """A relative path written in the base file, made relative to the including config's folder."""
-    if Path(value).is_absolute() or base_dir == config_dir:
+    """A path written in the base file that exists relative to the base's folder, made relative to the
+    including config's folder; any other path (absolute, or meant from the working directory or the repo
+    root, which the trainer tries first and last) stays as written."""
+    if Path(value).is_absolute() or base_dir == config_dir or not (base_dir / value).exists():
         return value
     return os.path.relpath(base_dir / value, config_dir)
 

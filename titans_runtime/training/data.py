@@ -189,15 +189,25 @@ class SequenceBatches:
     """Batch `index` = `batch_size` sequences of `length` tokens, each a function of (seed, id) only."""
 
     def __init__(self, corpus: Corpus, tokenizer: Any, cfg: DataConfig, batch_size: int, length: int,
-                 min_gap: int, seed: int, split: str = "train"):
+                 min_gap: int, seed: int, split: str = "train", pieces: int = 1):
         self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, cfg
         self.batch_size, self.length, self.min_gap, self.seed, self.split = batch_size, length, min_gap, seed, split
+        self.pieces = pieces  # > 1: each sequence is that many independent sequences in a row
+
+    def _sequence(self, index: int, row: int) -> tuple[Tensor, Tensor]:
+        if self.pieces == 1:
+            return build_sequence(self.corpus, self.tokenizer, np.random.default_rng([self.seed, index, row]),
+                                  self.length, self.cfg, self.min_gap, self.split)
+        size = self.length // self.pieces  # the last piece takes the remainder (the extra target token)
+        sizes = [size] * (self.pieces - 1) + [self.length - size * (self.pieces - 1)]
+        parts = [build_sequence(self.corpus, self.tokenizer, np.random.default_rng([self.seed, index, row, piece]),
+                                n, self.cfg, self.min_gap, self.split) for piece, n in enumerate(sizes)]
+        return torch.cat([t for t, _ in parts]), torch.cat([w for _, w in parts])
 
     def __getitem__(self, index: int) -> Tensor:
         return self.weighted(index)[0]
 
     def weighted(self, index: int) -> tuple[Tensor, Tensor]:
         """The batch's tokens (B, length) and their loss weights (B, length)."""
-        rows = [build_sequence(self.corpus, self.tokenizer, np.random.default_rng([self.seed, index, row]),
-                               self.length, self.cfg, self.min_gap, self.split) for row in range(self.batch_size)]
+        rows = [self._sequence(index, row) for row in range(self.batch_size)]
         return torch.stack([t for t, _ in rows]), torch.stack([w for _, w in rows])

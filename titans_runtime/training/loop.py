@@ -143,15 +143,16 @@ class Trainer:
         length = self.cfg.windows_per_sequence * self.window_len + 1
         reach = self.segment_len if self.model_cfg.variant == "mac" else self.model_cfg.attention.window
         gap = int(self.cfg.data.min_gap_windows * reach)
+        pieces = self.cfg.windows_per_sequence if self.cfg.data.task_per_window else 1
         self.batches = SequenceBatches(self.corpus, self.tokenizer, self.cfg.data, self.cfg.batch_size, length, gap,
-                                       self.cfg.seed)
+                                       self.cfg.seed, pieces=pieces)
         text_only = type(self.cfg.data)(**{**self.cfg.data.__dict__, "synthetic_fraction": 0.0})
         synth_only = type(self.cfg.data)(**{**self.cfg.data.__dict__, "synthetic_fraction": 1.0})
         self.eval_sets = {
             "text": SequenceBatches(self.corpus, self.tokenizer, text_only, self.cfg.batch_size, length, gap,
                                     self.cfg.seed + 1, "heldout"),
             "synthetic": SequenceBatches(self.corpus, self.tokenizer, synth_only, self.cfg.batch_size, length, gap,
-                                         self.cfg.seed + 2, "heldout"),
+                                         self.cfg.seed + 2, "heldout", pieces),
         }
         self.step = 0
         self.tokens_seen = 0
