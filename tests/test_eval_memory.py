@@ -47,3 +47,15 @@ def test_merge_names_an_unknown_plot_model_in_one_line(tmp_path, capsys):
                              "--plot-model", "nope"]) != 0
     err = capsys.readouterr().err.strip()
     assert "nope" in err and "\n" not in err
+
+
+def test_an_unknown_plot_model_fails_before_evaluating(monkeypatch, capsys):
+    import titans_runtime.evaluation.memory as ev
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("evaluated before checking --plot-model")
+
+    monkeypatch.setattr(ev, "bits_per_byte", evaluated)
+    argv = ["--model", "default", "--evals", "bpb", "--plot", "x.png", "--plot-model", "nope"]
+    assert eval_memory.main(argv) != 0
+    assert "nope" in capsys.readouterr().err

@@ -73,18 +73,24 @@ def merge(args: argparse.Namespace, lengths: list[int]) -> int:
     return 0
 
 
-def plot(path: str, results: dict, lengths: list[int], names: list[str] | None = None) -> None:
+def plot_legends(known: list[str], specs: list[str] | None) -> dict[str, str]:
+    """--plot-model NAME[=LEGEND] values -> {model name: legend}, in order; every known model if none."""
     from titans_runtime.errors import InputError
-    from titans_runtime.evaluation.png_plot import accuracy_plot
 
     legends = {}
-    for spec in names or list(results):
-        name, _, legend = spec.rpartition("=") if spec not in results and "=" in spec else (spec, "", spec)
-        if name not in results:
-            raise InputError(f"--plot-model: no results for {name!r} (known: {', '.join(results)})")
+    for spec in specs or known:
+        name, _, legend = spec.rpartition("=") if spec not in known and "=" in spec else (spec, "", spec)
+        if name not in known:
+            raise InputError(f"--plot-model: no model named {name!r} (known: {', '.join(known)})")
         legends[name] = legend
+    return legends
+
+
+def plot(path: str, results: dict, lengths: list[int], names: list[str] | None = None) -> None:
+    from titans_runtime.evaluation.png_plot import accuracy_plot
+
     series = []
-    for name, legend in legends.items():
+    for name, legend in plot_legends(list(results), names).items():
         for label, row in results[name]["memory"].items():
             pk = row.get("passkey", {})
             if all(str(m) in pk for m in lengths):
@@ -149,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     for spec in specs:
         name, _, folder = spec.rpartition("=") if "=" in spec else (spec, "", spec)
         models[name or folder] = load_model(folder)
+    if args.plot:
+        plot_legends(list(models), args.plot_model)  # a wrong name fails now, not after the evaluation
     memories = {"on": [True], "off": [False], "both": [True, False]}[args.memory]
     files = [str(resolve_path(f)) for f in (args.data or ["../shared/data/corpora"])]
     results: dict = {}
