@@ -55,11 +55,42 @@ def mlp_forward(weights: list[Tensor], x: Tensor) -> tuple[Tensor, list[Tensor],
     return h, inputs, pre
 
 
+class _SiluGrad(torch.autograd.Function):
+    """grad * silu'(z) as one kernel (aten's silu_backward), with its own derivative: aten's has none, and the
+    composite form (sigmoid, 1 - s, addcmul, mul) costs four full-size passes forward and more backward."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, z: Tensor) -> Tensor:
+        ctx.save_for_backward(grad, z)
+        return torch.ops.aten.silu_backward(grad, z)
+
+    @staticmethod
+    def backward(ctx, out_grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        grad, z = ctx.saved_tensors
+        grad_grad = torch.ops.aten.silu_backward(out_grad, z) if ctx.needs_input_grad[0] else None
+        grad_z = None
+        if ctx.needs_input_grad[1]:
+            # silu''(z) = s (1 - s) (2 + z (1 - 2 s)), s = sigmoid(z); in place after three allocations.
+            s = torch.sigmoid(z)
+            grad_z = torch.addcmul(s, s, s, value=-1.0)                 # s (1 - s)
+            grad_z.mul_(torch.rsub(s, 1.0, alpha=2.0).mul_(z).add_(2.0))  # * (2 + z (1 - 2 s))
+            grad_z.mul_(grad).mul_(out_grad)
+        return grad_grad, grad_z
+
+
+def silu_grad(grad: Tensor, z: Tensor) -> Tensor:
+    """grad * silu'(z), differentiable (through `_SiluGrad` when autograd records)."""
+    if torch.is_grad_enabled() and (grad.requires_grad or z.requires_grad):
+        return _SiluGrad.apply(grad, z)
+    return torch.ops.aten.silu_backward(grad, z)
+
+
 def mlp_backward(
     weights: list[Tensor], inputs: list[Tensor], pre: list[Tensor], out_grad: Tensor, token_weight: Tensor,
     chunks: int | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """Gradients of sum_t token_weight_t * l_t for each weight, and each token's gradient norm.
+    """Gradients of sum_t token_weight_t * l_t for each weight, and each token's gradient norm (a metric:
+    computed outside autograd, so it adds nothing to the outer loop's graph or backward).
 
     out_grad: the output error (proportional to dl_t/d(output_t)), (..., n, d_L); token_weight: (..., n).
     The per-token gradient of a weight is an outer product a_t^T delta_t, so its norm is
@@ -80,11 +111,10 @@ def mlp_backward(
             grads[i] = left.transpose(-1, -2) @ right
         else:
             grads[i] = left.unflatten(-2, (chunks, -1)).transpose(-1, -2) @ right.unflatten(-2, (chunks, -1))
-        sq_norm = sq_norm + a.square().sum(-1) * delta.square().sum(-1)
+        with torch.no_grad():
+            sq_norm = sq_norm + (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(delta, dim=-1)).square()
         if i > 0:
-            # silu'(z) = s + silu(z) (1 - s), s = sigmoid(z); silu(z) is this layer's input a.
-            s = torch.sigmoid(pre[i - 1])
-            delta = (delta @ weights[i].transpose(-1, -2)) * torch.addcmul(s, a, 1.0 - s)
+            delta = silu_grad(delta @ weights[i].transpose(-1, -2), pre[i - 1])
     return grads, sq_norm.sqrt()
 
 
@@ -256,11 +286,7 @@ class NeuralMemory(nn.Module):
         chunks as one linear map: [W_0, ..., W_R, S_R] = C @ [W_0, S_0, G_1, ..., G_R], C (..., R + 2, R + 2).
         eta, keep, on: (..., R). Momentum and forgetting are folded into C, so the span is one matmul."""
         span = eta.shape[-1]
-        if self.cfg.momentum:
-            carry_s, carry_s0 = decay_products(eta)
-        else:  # S_r = -G_r
-            carry_s = torch.eye(span, dtype=eta.dtype, device=eta.device).expand(*eta.shape, span)
-            carry_s0 = torch.zeros_like(eta)
+        carry_s, carry_s0 = decay_products(eta)
         carry_w, carry_w0 = decay_products(keep)
         written = carry_w * on[..., None, :]  # W_r = carry_w0[r] W_0 + sum_{i<=r} carry_w[r, i] on_i S_i
         w_rows = torch.cat((carry_w0[..., None], written @ carry_s0[..., None], -(written @ carry_s)), dim=-1)
@@ -271,46 +297,58 @@ class NeuralMemory(nn.Module):
     def _scan_run(self, weights: list[Tensor], momentum: list[Tensor], grads: list[Tensor], eta: Tensor,
                   keep: Tensor, on: Tensor, padded: bool,
                   queries: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """A run of R chunks whose gradients are all known (anchored): the recurrence over spans of SCAN_SPAN
-        chunks (one matmul per layer and span, cost R * span rather than R^2), the spans chained, and each
-        chunk's queries read at the weights before that chunk.
+        """A run of R chunks whose gradients are all known (anchored): the recurrence cut into spans of
+        SCAN_SPAN chunks (matmul cost R * span rather than R^2), in two passes. Every span's own gradients
+        reach its end through one batched matmul over all spans; only the span-start weights and momentum
+        are chained span by span (a few small ops per span); then every chunk's weights come from its span's
+        start and steps in one batched matmul, and each chunk's queries read the weights before that chunk,
+        all chunks in one batched MLP forward.
 
         grads: per layer (B, H, R, d_in, d_out); eta, keep, on: (B, H, R); queries (B, H, R, b, d). Returns the
         reads (B, H, R * b, d) and the final weights and momentum."""
         steps = self._bounded(grads)
+        runs = eta.shape[-1]
+        spans = -(-runs // SCAN_SPAN)
+        extra = spans * SCAN_SPAN - runs
+        if extra:  # pad to whole spans with chunks that leave the memory as it was (no step, on = 0)
+            on = F.pad(on, (0, extra))
+            eta, keep = F.pad(eta, (0, extra), value=1.0), F.pad(keep, (0, extra), value=1.0)
+            steps = [F.pad(g, (0, 0, 0, 0, 0, extra)) for g in steps]
+            queries = F.pad(queries, (0, 0, 0, 0, 0, extra))
+            padded = True
+        if not self.cfg.momentum:  # S_r = -G_r: the recurrence with eta = 0 (factors clamped at 1e-30)
+            eta = torch.zeros_like(eta)
+        if not self.cfg.decay:
+            keep = torch.ones_like(keep)
         if padded:  # a chunk of padding leaves the memory as it was: no step (its G is 0), eta = keep = 1
             eta, keep = on * eta + (1.0 - on), on * keep + (1.0 - on)
         else:
             on = torch.ones_like(on)
-        if not self.cfg.decay:
-            keep = torch.ones_like(keep)
-        # The coefficients of all whole spans at once (few small ops), the last partial span apart.
-        whole = eta.shape[-1] // SCAN_SPAN * SCAN_SPAN
-        gates = (eta, keep, on)
-        span_coefficients = []
-        if whole:
-            span_coefficients += self._scan_coefficients(
-                *(g[..., :whole].unflatten(-1, (-1, SCAN_SPAN)) for g in gates)).unbind(2)
-        if whole < eta.shape[-1]:
-            span_coefficients.append(self._scan_coefficients(*(g[..., whole:] for g in gates)))
-        # Split once (slicing per span would zero-fill the whole run in every span's backward).
-        span_steps = list(zip(*(g.split(SCAN_SPAN, dim=2) for g in steps)))
-        reads = []
-        weights, momentum = list(weights), list(momentum)
-        for span_step, coefficients, span_queries in zip(span_steps, span_coefficients,
-                                                         queries.split(SCAN_SPAN, dim=2)):
-            span = span_queries.shape[2]
-            read_weights = []
-            for i, step in enumerate(span_step):
-                shape = step.shape[-2:]
-                rows = torch.cat((weights[i].flatten(-2)[:, :, None], momentum[i].flatten(-2)[:, :, None],
-                                  step.flatten(-2)), dim=2)  # (B, H, span + 2, d_in * d_out)
-                # One split, not three slices: its backward is one cat instead of three zero-filled copies.
-                read, w, m = (coefficients @ rows).unflatten(-1, shape).split([span, 1, 1], dim=2)
-                read_weights.append(read)  # chunk r reads W_{r-1}
-                weights[i], momentum[i] = w.squeeze(2), m.squeeze(2)
-            reads.append(mlp_forward(read_weights, span_queries)[0])
-        return torch.cat(reads, dim=2).flatten(2, 3), weights, momentum
+        # (B, H, spans, span + 2, span + 2): rows W_0..W_span, S_span; columns W_0, S_0, G_1..G_span.
+        coefficients = self._scan_coefficients(*(g.unflatten(-1, (spans, SCAN_SPAN)) for g in (eta, keep, on)))
+        # Coefficient blocks, contiguous (a strided operand slows the batched matmuls): rows of the reads
+        # (W_0..W_{span-1}) and of the span's end (W_span, S_span); columns of [W_0, S_0] and of the steps.
+        blocks = [part.contiguous() for rows in coefficients.split([SCAN_SPAN, 2], dim=-2)
+                  for part in rows.split([2, SCAN_SPAN], dim=-1)]
+        start_reads, step_reads, start_ends, step_ends = blocks
+        read_coefficients = torch.cat((start_reads, step_reads), dim=-1)
+        read_weights, weights, momentum = [], list(weights), list(momentum)
+        for i, step in enumerate(steps):
+            shape = step.shape[-2:]
+            span_steps = step.flatten(-2).unflatten(2, (spans, SCAN_SPAN))  # (B, H, spans, span, d_in * d_out)
+            # Each span's own steps at its end, as if it started from W = S = 0, then the starts chained.
+            local_ends = (step_ends @ span_steps).unbind(2)
+            starts = []
+            for span in range(spans):
+                start = torch.stack((weights[i].flatten(-2), momentum[i].flatten(-2)), dim=2)  # (B, H, 2, d_in * d_out)
+                starts.append(start)
+                w, m = (start_ends[:, :, span] @ start + local_ends[span]).unbind(2)
+                weights[i], momentum[i] = w.unflatten(-1, shape), m.unflatten(-1, shape)
+            # Chunk r reads W_{r-1}: its span's start [W, S] and own steps through the read rows of C.
+            rows = (read_coefficients @ torch.cat((torch.stack(starts, dim=2), span_steps), dim=3)).flatten(2, 3)
+            read_weights.append((rows[:, :, :runs] if extra else rows).unflatten(-1, shape))
+        reads = mlp_forward(read_weights, queries[:, :, :runs] if extra else queries)[0]
+        return reads.flatten(2, 3), weights, momentum
 
     # ------------------------------------------------------------------------------------ operations
     def retrieve(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -386,9 +424,10 @@ class NeuralMemory(nn.Module):
         new = dict(state)
         mdt = state["w0"].dtype
         n_pending = state["pending_k"].shape[2]
-        keys = torch.cat((state["pending_k"], k), dim=2)
-        values = torch.cat((state["pending_v"], v), dim=2)
-        all_gates = torch.cat((state["pending_gates"], new_gates), dim=2)
+        # After the pending tokens (no copy when none are pending, the common case of whole-chunk calls).
+        keys, values, all_gates = (new_part if pending.shape[2] == 0 else torch.cat((pending, new_part), dim=2)
+                                   for pending, new_part in ((state["pending_k"], k), (state["pending_v"], v),
+                                                             (state["pending_gates"], new_gates)))
         total = keys.shape[2]
         weights = self.weights(state)
         momentum = self.weights(state, "s")
@@ -418,9 +457,12 @@ class NeuralMemory(nn.Module):
             runs.append((c, run))
             c += run
         run_tokens = [min((c + run) * b, total) - c * b for c, run in runs]
-        key_runs, value_runs, weight_runs = (t.split(run_tokens, dim=2) for t in (keys, values, token_weight))
-        # Queries of the new tokens per chunk (pending tokens were read when they arrived).
-        q_chunks = q.split([min(s + b, total) - max(s, n_pending) for s in range(0, total, b)], dim=2)
+        key_runs, value_runs, weight_runs = ((t,) if len(runs) == 1 else t.split(run_tokens, dim=2)
+                                             for t in (keys, values, token_weight))
+        # Queries of the new tokens per chunk (pending tokens were read when they arrived), split only where a
+        # chunk reads alone: an anchored run reads its queries as one slice.
+        q_chunks = (q.split([min(s + b, total) - max(s, n_pending) for s in range(0, total, b)], dim=2)
+                    if anchor_every == 1 or any(run == 1 for _, run in runs) else None)
         reads, surprises = [], []
         for (c, run), run_keys, run_values, run_weight in zip(runs, key_runs, value_runs, weight_runs):
             start = c * b
@@ -446,7 +488,10 @@ class NeuralMemory(nn.Module):
             if run > 1:  # every gradient of the run is known: momentum, forgetting and reads in parallel
                 window_gates = (eta_full[..., c:c + run], keep_full[..., c:c + run], on_full[..., c:c + run])
                 pad = max(0, n_pending - start)  # pending queries were read when they arrived
-                queries = torch.cat((q.new_zeros(*q.shape[:2], pad, q.shape[3]), *q_chunks[c:c + run]), dim=2)
+                first, last = start + pad - n_pending, start + run * b - n_pending  # the run's new tokens in q
+                queries = q if (first, last) == (0, q.shape[2]) else q[:, :, first:last]
+                if pad:
+                    queries = F.pad(queries, (0, 0, pad, 0))
                 out, weights, momentum = self._scan_run(weights, momentum, grads, *window_gates, padded,
                                                         queries.unflatten(2, (run, b)))
                 reads.append(out[:, :, pad:])
