@@ -45,16 +45,21 @@ def memory_mlp(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def naive_reference(mem: NeuralMemory, x: torch.Tensor):
-    """Token by token: each token's gradient by autograd at its chunk-start weights, summed per chunk,
-    then momentum and decay once per chunk. Returns (outputs, surprise, final weights, final momentum)."""
-    cfg = mem.cfg
-    conv = cfg.conv_kernel > 1
+def reference_inputs(mem: NeuralMemory, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, T, d) and the per-token gates theta, eta, alpha (B, T, H), written independently."""
+    conv = mem.cfg.conv_kernel > 1
     q = reference_projection(mem, mem.to_q, mem.conv_q if conv else None, x, True)
     k = reference_projection(mem, mem.to_k, mem.conv_k if conv else None, x, True)
     v = reference_projection(mem, mem.to_v, mem.conv_v if conv else None, x, False)
     gates = torch.sigmoid(mem.to_gates(x)).unflatten(-1, (3, mem.heads))
-    theta, eta, alpha = gates[:, :, 0] * cfg.theta_max, gates[:, :, 1], gates[:, :, 2]
+    return q, k, v, gates[:, :, 0] * mem.cfg.theta_max, gates[:, :, 1], gates[:, :, 2]
+
+
+def naive_reference(mem: NeuralMemory, x: torch.Tensor):
+    """Token by token: each token's gradient by autograd at its chunk-start weights, summed per chunk,
+    then momentum and decay once per chunk. Returns (outputs, surprise, final weights, final momentum)."""
+    cfg = mem.cfg
+    q, k, v, theta, eta, alpha = reference_inputs(mem, x)
     batch, steps = x.shape[:2]
     b = cfg.chunk_size
     outputs = torch.zeros(batch, mem.heads, steps, mem.head_dim, dtype=x.dtype)
@@ -257,12 +262,7 @@ def differentiable_reference(mem: NeuralMemory, x: torch.Tensor) -> tuple[torch.
     so the outer loop's gradients flow through the test-time updates as written in DESIGN.md (no manual
     MLP backward, no scan). Returns the gated outputs and the final weights."""
     cfg = mem.cfg
-    conv = cfg.conv_kernel > 1
-    q = reference_projection(mem, mem.to_q, mem.conv_q if conv else None, x, True)
-    k = reference_projection(mem, mem.to_k, mem.conv_k if conv else None, x, True)
-    v = reference_projection(mem, mem.to_v, mem.conv_v if conv else None, x, False)
-    gates = torch.sigmoid(mem.to_gates(x)).unflatten(-1, (3, mem.heads))
-    theta, eta, alpha = gates[:, :, 0] * cfg.theta_max, gates[:, :, 1], gates[:, :, 2]
+    q, k, v, theta, eta, alpha = reference_inputs(mem, x)
     b, steps = cfg.chunk_size, x.shape[1]
     streams, finals = [], []
     for n in range(x.shape[0]):
