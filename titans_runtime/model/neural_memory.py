@@ -310,11 +310,9 @@ class NeuralMemory(nn.Module):
         runs = eta.shape[-1]
         spans = -(-runs // SCAN_SPAN)
         extra = spans * SCAN_SPAN - runs
-        if extra:  # pad to whole spans with chunks that leave the memory as it was (no step, on = 0)
-            on = F.pad(on, (0, extra))
-            eta, keep = F.pad(eta, (0, extra), value=1.0), F.pad(keep, (0, extra), value=1.0)
+        if extra:  # pad to whole spans with padding chunks (on = 0, no step): they leave the memory as it was
+            eta, keep, on = (F.pad(g, (0, extra)) for g in (eta, keep, on))
             steps = [F.pad(g, (0, 0, 0, 0, 0, extra)) for g in steps]
-            queries = F.pad(queries, (0, 0, 0, 0, 0, extra))
             padded = True
         if not self.cfg.momentum:  # S_r = -G_r: the recurrence with eta = 0 (factors clamped at 1e-30)
             eta = torch.zeros_like(eta)
@@ -347,7 +345,7 @@ class NeuralMemory(nn.Module):
             # Chunk r reads W_{r-1}: its span's start [W, S] and own steps through the read rows of C.
             rows = (read_coefficients @ torch.cat((torch.stack(starts, dim=2), span_steps), dim=3)).flatten(2, 3)
             read_weights.append((rows[:, :, :runs] if extra else rows).unflatten(-1, shape))
-        reads = mlp_forward(read_weights, queries[:, :, :runs] if extra else queries)[0]
+        reads = mlp_forward(read_weights, queries)[0]
         return reads.flatten(2, 3), weights, momentum
 
     # ------------------------------------------------------------------------------------ operations

@@ -312,7 +312,8 @@ def _memory_layer_saved(s: Shape) -> int:
     b = mem.chunk_size
     n_chunks = -(-T // b)
     weights = sum(r(s.mheads * a * c * fs) for a, c in s.mlp_sizes)
-    per_chunk = 2 * weights + 1 * r(s.mheads * b * s.mhidden * fs) + 2 * r(s.mheads * 2 * b * s.mhidden * fs)
+    # grad * silu'(z) keeps one hidden-sized tensor per chunk (z is pre-activation the forward kept anyway)
+    per_chunk = 2 * weights + r(s.mheads * b * s.mhidden * fs) + 2 * r(s.mheads * 2 * b * s.mhidden * fs)
     per_chunk += r(s.mheads * 2 * b * s.mhd * fs) + 2 * r(s.mheads * b * s.mhd * fs)
     n_conv = (4 if s.mac else 3) if mem.conv_kernel > 1 else 0
     per_layer = n_chunks * per_chunk
