@@ -359,6 +359,17 @@ def test_blocked_calls_with_recomputation_equal_one_pass_values_and_gradients(an
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 
+def test_blocked_calls_refuse_higher_order_gradients():
+    """A recomputed block differentiates a graph rebuilt from detached inputs: second-order gradients through
+    it would be silently wrong, so asking for them is an error that names the setting to change."""
+    mem = make_memory(depth=2, chunk=3, conv=3, anchor=1)
+    mem.cfg.block_tokens = 7
+    x = torch.randn(1, 20, DIM, dtype=torch.float64)
+    out, _, _ = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="block_tokens: null"):
+        torch.autograd.grad(out.pow(2).sum(), list(mem.parameters()), create_graph=True)
+
+
 def test_empty_init_reads_only_what_the_stream_wrote():
     torch.manual_seed(0)
     mem = NeuralMemory(DIM, MemoryConfig(heads=2, depth=2, chunk_size=4, empty_init=True)).double()

@@ -21,7 +21,6 @@ from itertools import repeat
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from titans_runtime.config import MemoryConfig
 
@@ -125,6 +124,44 @@ def decay_products(factor: Tensor) -> tuple[Tensor, Tensor]:
     diff = logs[..., :, None] - logs[..., None, :]
     lower = torch.ones(diff.shape[-2:], dtype=torch.bool, device=factor.device).tril()
     return torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp(), logs.exp()
+
+
+class _Recomputed(torch.autograd.Function):
+    """fn's activations recomputed in the backward instead of kept: the forward runs fn without autograd (no
+    graph, no saved activations, faster than recording one), the backward runs it again with autograd and
+    differentiates that. Unlike torch's re-entrant checkpoint it works with torch.autograd.grad, since every
+    tensor fn differentiates must be one of its inputs; unlike the non-reentrant one its forward records
+    nothing. fn returns a tuple of tensors, none of them an input."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.fn = fn
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            outs = fn(*tensors)
+        # An output that shares an input's memory (a slice of it) is copied: autograd owns Function outputs.
+        shared = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        outs = tuple(o.clone() if o.numel() and o.untyped_storage().data_ptr() in shared else o for o in outs)
+        ctx.mark_non_differentiable(*(o for o in outs if not o.is_floating_point()))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph: the recomputed graph starts from detached inputs
+            raise RuntimeError("a recomputed memory block has first-order gradients only; for higher orders set "
+                               "memory.block_tokens: null")
+        tensors = ctx.saved_tensors
+        wanted = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[1 + i]]
+        inputs = [t.detach().requires_grad_(ctx.needs_input_grad[1 + i]) for i, t in enumerate(tensors)]
+        with torch.enable_grad():
+            outs = ctx.fn(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    allow_unused=True) if pairs and wanted else ()
+        result: list[Tensor | None] = [None] * len(tensors)
+        for i, g in zip(wanted, found):
+            result[i] = g
+        return (None, *result)
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -271,15 +308,21 @@ class NeuralMemory(nn.Module):
             out = out * valid[..., None].to(out.dtype)
         return out.to(x.dtype)
 
-    def _bounded(self, grads: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:
-        """A chunk's update, its norm (per stream and head, over all layers) capped at max_update_norm:
-        a burst of surprise moves the fast weights a bounded step, so the inner loop cannot run away."""
+    def _update_scale(self, grads: list[Tensor] | tuple[Tensor, ...]) -> Tensor | None:
+        """The factor (..., ) that caps a chunk's update norm (per stream and head, over all layers) at
+        max_update_norm: a burst of surprise moves the fast weights a bounded step, so the inner loop cannot
+        run away. None when there is no cap."""
         cap = self.cfg.max_update_norm
         if cap is None:
-            return list(grads)
-        norm = sum(g.pow(2).sum((-2, -1)) for g in grads).clamp_min(1e-24).sqrt()  # clamp: finite backward at 0
-        scale = (cap / norm).clamp(max=1.0)[..., None, None]
-        return [g * scale for g in grads]
+            return None
+        # vector_norm: one reduction pass, no squared copy; clamp: finite backward at 0.
+        sq = sum(torch.linalg.vector_norm(g, dim=(-2, -1)).square() for g in grads)
+        return (cap / sq.clamp_min(1e-24).sqrt()).clamp(max=1.0)
+
+    def _bounded(self, grads: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:
+        """A chunk's update, its norm capped (see `_update_scale`)."""
+        scale = self._update_scale(grads)
+        return list(grads) if scale is None else [g * scale[..., None, None] for g in grads]
 
     def _scan_coefficients(self, eta: Tensor, keep: Tensor, on: Tensor) -> Tensor:
         """The chunk recurrence S_r = eta_r S_{r-1} - G_r, W_r = keep_r W_{r-1} + on_r S_r over a span of R
@@ -306,13 +349,17 @@ class NeuralMemory(nn.Module):
 
         grads: per layer (B, H, R, d_in, d_out); eta, keep, on: (B, H, R); queries (B, H, R, b, d). Returns the
         reads (B, H, R * b, d) and the final weights and momentum."""
-        steps = self._bounded(grads)
+        # The update cap scales each chunk's step: folded into the coefficients' step columns below rather
+        # than applied to the full-size gradients (a write and, in the backward, a read of each saved).
+        scale = self._update_scale(grads)
+        steps = list(grads)
         runs = eta.shape[-1]
         spans = -(-runs // SCAN_SPAN)
         extra = spans * SCAN_SPAN - runs
         if extra:  # pad to whole spans with padding chunks (on = 0, no step): they leave the memory as it was
             eta, keep, on = (F.pad(g, (0, extra)) for g in (eta, keep, on))
             steps = [F.pad(g, (0, 0, 0, 0, 0, extra)) for g in steps]
+            scale = None if scale is None else F.pad(scale, (0, extra))
             padded = True
         if not self.cfg.momentum:  # S_r = -G_r: the recurrence with eta = 0 (factors clamped at 1e-30)
             eta = torch.zeros_like(eta)
@@ -329,6 +376,9 @@ class NeuralMemory(nn.Module):
         blocks = [part.contiguous() for rows in coefficients.split([SCAN_SPAN, 2], dim=-2)
                   for part in rows.split([2, SCAN_SPAN], dim=-1)]
         start_reads, step_reads, start_ends, step_ends = blocks
+        if scale is not None:
+            column_scale = scale.unflatten(-1, (spans, SCAN_SPAN))[..., None, :]
+            step_reads, step_ends = step_reads * column_scale, step_ends * column_scale
         read_coefficients = torch.cat((start_reads, step_reads), dim=-1)
         read_weights, weights, momentum = [], list(weights), list(momentum)
         for i, step in enumerate(steps):
@@ -381,13 +431,30 @@ class NeuralMemory(nn.Module):
                 # activations, most of the recompute's matmul work) keep theirs.
                 new = dict(state)
                 q, k, v, gates = self._inputs(xb, state, new, vb)
-                read, surprise, state = checkpoint(self._write_read, q, k, v, gates, new, use_reentrant=False)
+                read, surprise, state = self._recomputed_write_read(q, k, v, gates, new)
                 out = self._output(read, xb, vb)
             else:
                 out, surprise, state = self._update_and_retrieve(xb, state, vb)
             outs.append(out)
             surprises.append(surprise)
         return torch.cat(outs, dim=1), torch.cat(surprises, dim=1), state
+
+    def _recomputed_write_read(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor,
+                               state: MemoryState) -> tuple[Tensor, Tensor, MemoryState]:
+        """`_write_read` whose activations are recomputed in the backward instead of kept (see `_Recomputed`).
+        Every tensor it differentiates is an explicit input: q, k, v, gates and the state (no parameters)."""
+        keys = list(state)
+        changed: list[str] = []
+
+        def run(*tensors: Tensor) -> tuple[Tensor, ...]:
+            inputs = dict(zip(keys, tensors[4:]))
+            read, surprise, new = self._write_read(*tensors[:4], inputs)
+            # Only what the call changed leaves the Function (an input passed through stays outside it).
+            changed[:] = [key for key in new if new[key] is not inputs.get(key)]
+            return (read, surprise, *(new[key] for key in changed))
+
+        outs = _Recomputed.apply(run, q, k, v, gates, *state.values())
+        return outs[0], outs[1], {**state, **dict(zip(changed, outs[2:]))}
 
     def _update_and_retrieve(
         self, x: Tensor, state: MemoryState, valid: Tensor | None = None
