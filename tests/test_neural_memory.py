@@ -370,6 +370,25 @@ def test_blocked_calls_refuse_higher_order_gradients():
         torch.autograd.grad(out.pow(2).sum(), list(mem.parameters()), create_graph=True)
 
 
+def test_blocked_recomputation_runs_under_the_forward_autocast(monkeypatch):
+    """The backward recomputes a block under the autocast its forward ran under (bf16 on a GPU in training),
+    so the graph it differentiates is the one that produced the outputs."""
+    mem = NeuralMemory(DIM, MemoryConfig(heads=2, depth=2, chunk_size=3, block_tokens=6))
+    seen = []
+    original = mem._write_read
+
+    def recording(*args, **kwargs):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mem, "_write_read", recording)
+    x = torch.randn(1, 12, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _, _ = mem.update_and_retrieve(x, mem.initial_state(1))
+    out.float().pow(2).sum().backward()
+    assert seen == [(False, True)] * 2 + [(True, True)] * 2  # two blocks forward, then both recomputed
+
+
 def test_empty_init_reads_only_what_the_stream_wrote():
     torch.manual_seed(0)
     mem = NeuralMemory(DIM, MemoryConfig(heads=2, depth=2, chunk_size=4, empty_init=True)).double()

@@ -129,14 +129,16 @@ def decay_products(factor: Tensor) -> tuple[Tensor, Tensor]:
 class _Recomputed(torch.autograd.Function):
     """fn's activations recomputed in the backward instead of kept: the forward runs fn without autograd (no
     graph, no saved activations, faster than recording one), the backward runs it again with autograd and
-    differentiates that. Unlike torch's re-entrant checkpoint it works with torch.autograd.grad, since every
-    tensor fn differentiates must be one of its inputs; unlike the non-reentrant one its forward records
-    nothing. fn returns a tuple of tensors, none of them an input."""
+    differentiates that, under the forward's autocast. Unlike torch's re-entrant checkpoint it works with
+    torch.autograd.grad, since every tensor fn differentiates must be one of its inputs; unlike the
+    non-reentrant one its forward records nothing. fn returns a tuple of tensors."""
 
     @staticmethod
     def forward(ctx, fn, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.fn = fn
         ctx.save_for_backward(*tensors)
+        ctx.device = tensors[0].device.type
+        ctx.autocast = torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device)
         with torch.no_grad():
             outs = fn(*tensors)
         # An output that shares an input's memory (a slice of it) is copied: autograd owns Function outputs.
@@ -153,7 +155,8 @@ class _Recomputed(torch.autograd.Function):
         tensors = ctx.saved_tensors
         wanted = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[1 + i]]
         inputs = [t.detach().requires_grad_(ctx.needs_input_grad[1 + i]) for i, t in enumerate(tensors)]
-        with torch.enable_grad():
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
             outs = ctx.fn(*inputs)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
