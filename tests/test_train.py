@@ -68,6 +68,7 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     cfg = micro_setup(tmp_path, steps=6)
+    cfg.optim.lr_scale = {"gates": 3.0}  # per-group learning rates survive the checkpoint too
     straight = Trainer(cfg, tmp_path / "a")
     losses_a = [r.loss for r in straight.run()]
     first = Trainer(cfg, tmp_path / "b")
@@ -176,6 +177,51 @@ def test_parameter_groups():
     assert parameter_group("memory.memories.1.out_gate.weight") == "gates"
     assert parameter_group("memory.memories.1.output_scale") == "gates"
     assert parameter_group("core.layers.1.attention.extra_gate") == "gates"
+    assert parameter_group("memory.memories.1.surprise_gate.weight") == "gates"
+
+
+def test_lr_scale_multiplies_one_groups_learning_rate(tmp_path):
+    cfg = micro_setup(tmp_path, steps=4)
+    cfg.optim.lr_scale = {"gates": 10.0}
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_step()
+    gates = {id(p) for n, p in trainer.model.named_parameters() if parameter_group(n) == "gates"}
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for param in group["params"]:
+            rates[id(param)] = group["lr"]
+    base = learning_rate(0, 4, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+    assert gates and all(math.isclose(rates[i], 10 * base) for i in gates)
+    assert all(math.isclose(rate, base) for i, rate in rates.items() if i not in gates)
+    with pytest.raises(ConfigError, match="optim.lr_scale"):
+        load_train_config_text(tmp_path, "optim: {lr_scale: {gate: 2}}\n")
+
+
+def load_train_config_text(tmp_path: Path, text: str) -> TrainConfig:
+    (tmp_path / "bad.yaml").write_text(text)
+    return load_train_config(tmp_path / "bad.yaml")
+
+
+def test_overrides_on_a_trained_model_add_a_fresh_surprise_gate(tmp_path):
+    """init + model_overrides: the trained weights load into the changed config, the added surprise gate
+    starts at 0 (the same logits as before); an override that changes a weight's shape is a one-line error."""
+    from titans_runtime.errors import InputError
+    from titans_runtime.model.checkpoint import save_model
+    from titans_runtime.training.loop import build_model
+
+    torch.manual_seed(5)
+    base = TitanModel(config_from_dict(MICRO))
+    save_model(base, tmp_path / "base")
+    cfg = micro_setup(tmp_path, init=str(tmp_path / "base"), model_overrides={"memory.surprise_gate": True})
+    model = build_model(cfg, None)
+    gate = model.memory.memories["1"].surprise_gate
+    assert gate is not None and not gate.weight.any() and not gate.bias.any()
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, base(tokens).logits, atol=0, rtol=0)
+    cfg.model_overrides = {"model.dim": 48}
+    with pytest.raises(InputError, match="has shape"):
+        build_model(cfg, None)
 
 
 def test_schedule_warmup_then_cosine():

@@ -64,6 +64,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1        # on matrices only (not norms, biases, gates)
     grad_clip: float = 1.0           # 0 = off
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per parameter group, e.g. {gates: 10}: lr x 10
 
     def validate(self, path: str = "optim") -> None:
         _require(self.lr > 0, f"{path}.lr", "must be positive")
@@ -72,6 +73,9 @@ class OptimConfig:
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas", "two values in [0, 1)")
         _require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         _require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0")
+        for group, scale in self.lr_scale.items():
+            _require(group in PARAM_GROUPS, f"{path}.lr_scale", f"unknown parameter group {group!r} (known: {', '.join(PARAM_GROUPS)})")
+            _require(isinstance(scale, (int, float)) and scale > 0, f"{path}.lr_scale.{group}", "must be a positive number")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from titans_runtime.config import TitansConfig, load_config
 from titans_runtime.errors import ConfigError
-from titans_runtime.model.checkpoint import load_model, save_model
+from titans_runtime.model.checkpoint import CONFIG_FILE, load_model, save_model
 from titans_runtime.model.state import StreamState
 from titans_runtime.model.titans import TitanModel
 from titans_runtime.model.tokenizer import load_tokenizer
@@ -48,7 +48,7 @@ def resolve_path(path: str, base: Path | None = None) -> Path:
 
 def parameter_group(name: str) -> str:
     """Which `--train` group a parameter belongs to."""
-    if ".out_gate." in name or name.endswith("output_scale") or name.endswith("extra_gate"):
+    if ".out_gate." in name or ".surprise_gate." in name or name.endswith("output_scale") or name.endswith("extra_gate"):
         return "gates"
     if name.startswith("memory."):
         return "memory"
@@ -59,10 +59,13 @@ def parameter_group(name: str) -> str:
 
 def build_model(cfg: TrainConfig, base: Path | None) -> TitanModel:
     if cfg.init is not None:
-        model = load_model(resolve_path(cfg.init, base))
-        if cfg.model_overrides:
-            raise ConfigError("model_overrides: not allowed with init (the model folder fixes the config)")
-        return model
+        folder = resolve_path(cfg.init, base)
+        if not cfg.model_overrides or not (folder / CONFIG_FILE).is_file():
+            return load_model(folder)  # (a folder without a config: load_model names the problem)
+        # Overrides on a trained model: its weights load into the changed config; weights the change adds
+        # (a surprise gate) start at their initialisation; one whose shape the change alters is an error.
+        model_cfg = load_config(folder / CONFIG_FILE).replace(**cfg.model_overrides)
+        return load_model(folder, config=model_cfg, new_weights_ok=True)
     model_cfg: TitansConfig = load_config(resolve_path(cfg.model, base))
     if cfg.model_overrides:
         model_cfg = model_cfg.replace(**cfg.model_overrides)
@@ -70,16 +73,20 @@ def build_model(cfg: TrainConfig, base: Path | None) -> TitanModel:
 
 
 def make_optimizer(model: TitanModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the selected groups; weight decay on matrices only."""
-    decay, no_decay = [], []
+    """AdamW over the selected groups; weight decay on matrices only; `optim.lr_scale` per group."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        param.requires_grad_(parameter_group(name) in cfg.train)
+        group = parameter_group(name)
+        param.requires_grad_(group in cfg.train)
         if param.requires_grad:
-            (decay if param.dim() >= 2 and "extra_gate" not in name else no_decay).append(param)
-    if not decay and not no_decay:
+            decays = param.dim() >= 2 and "extra_gate" not in name
+            groups.setdefault((decays, cfg.optim.lr_scale.get(group, 1.0)), []).append(param)
+    if not groups:
         raise ConfigError(f"train: the groups {cfg.train} select no parameter of this model")
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": cfg.optim.weight_decay if decays else 0.0, "lr_scale": scale}
+         for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
 def sequence_loss(model: TitanModel, tokens: Tensor, state: StreamState, segment_len: int,
@@ -199,7 +206,7 @@ class Trainer:
         state = self.model.initial_state(cfg.batch_size) if window == 0 or self.carried is None else self.carried
         lr = learning_rate(self.step, cfg.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # (absent in checkpoints from before lr_scale)
         self.model.train()
         with self.autocast():
             total, state = sequence_loss(self.model, chunk, state, self.segment_len, cfg.activation_checkpointing,
