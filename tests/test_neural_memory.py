@@ -12,18 +12,14 @@ DIM = 24
 
 
 def make_memory(depth: int, chunk: int, momentum: bool = True, decay: bool = True, conv: int = 0,
-                segment: int | None = None, anchor: int = 1, cap: float | None = None,
-                surprise_gate: bool = False) -> NeuralMemory:
+                segment: int | None = None, anchor: int = 1, cap: float | None = None) -> NeuralMemory:
     torch.manual_seed(0)
     cfg = MemoryConfig(heads=2, depth=depth, chunk_size=chunk, conv_kernel=conv, momentum=momentum, decay=decay,
-                       theta_init=0.3, eta_init=0.8, alpha_init=0.05, anchor_every=anchor, max_update_norm=cap,
-                       surprise_gate=surprise_gate)
+                       theta_init=0.3, eta_init=0.8, alpha_init=0.05, anchor_every=anchor, max_update_norm=cap)
     mem = NeuralMemory(DIM, cfg, segment).double()
     with torch.no_grad():  # data-dependent gates, an open output gate, a non-trivial conv
         mem.to_gates.weight.normal_(0.0, 0.3)
         mem.out_gate.weight.normal_(0.0, 0.1)
-        if surprise_gate:  # a gate that depends on the recall errors
-            mem.surprise_gate.weight.normal_(0.0, 1.0)
         if conv:
             for c in (mem.conv_q, mem.conv_k, mem.conv_v):
                 c.weight.normal_(0.0, 0.5)
@@ -68,7 +64,6 @@ def naive_reference(mem: NeuralMemory, x: torch.Tensor):
     b = cfg.chunk_size
     outputs = torch.zeros(batch, mem.heads, steps, mem.head_dim, dtype=x.dtype)
     surprise = torch.zeros(batch, mem.heads, steps, dtype=x.dtype)
-    errors = torch.zeros(batch, mem.heads, steps, dtype=x.dtype)
     weights = [w.detach().clone().unsqueeze(0).repeat(batch, 1, 1, 1) for w in mem.initial_layers()]
     momentum = [torch.zeros_like(w) for w in weights]
     for n in range(batch):
@@ -86,7 +81,6 @@ def naive_reference(mem: NeuralMemory, x: torch.Tensor):
                         leaves = [w.detach().requires_grad_(True) for w in anchor]
                         loss = (memory_mlp(leaves, k[n, h, t]) - v[n, h, t]).pow(2).sum()
                         token_grads = torch.autograd.grad(loss, leaves)
-                    errors[n, h, t] = loss.detach() / v[n, h, t].pow(2).sum()  # before token t is written
                     surprise[n, h, t] = torch.sqrt(sum(g.pow(2).sum() for g in token_grads))
                     for g_sum, g in zip(grads, token_grads):
                         g_sum += theta[n, t, h] / b * g
@@ -103,7 +97,7 @@ def naive_reference(mem: NeuralMemory, x: torch.Tensor):
             for i in range(len(W)):
                 weights[i][n, h] = W[i]
                 momentum[i][n, h] = S[i]
-    out = mem._output(outputs, x, errors=errors)
+    out = mem._output(outputs, x)
     return out, surprise.mean(1), weights, momentum
 
 
@@ -115,7 +109,6 @@ CASES = [
     dict(depth=2, chunk=2, anchor=4, momentum=False), dict(depth=2, chunk=2, anchor=5, decay=False),
     dict(depth=2, chunk=1, anchor=20, conv=3),  # a run of 20 chunks: chained scan spans
     dict(depth=2, chunk=4, cap=0.5), dict(depth=1, chunk=2, cap=1.0, anchor=3),  # caps that bind on some chunks
-    dict(depth=2, chunk=4, conv=3, surprise_gate=True), dict(depth=2, chunk=2, anchor=3, surprise_gate=True),
 ]
 
 
@@ -137,7 +130,7 @@ def test_chunked_update_equals_naive_token_loop(case):
 @pytest.mark.parametrize("anchor", [1, 3])
 @pytest.mark.parametrize("splits", [[22], [1, 21], [3, 5, 7, 7], [8, 8, 6], [11, 11]])
 def test_any_split_of_the_stream_gives_the_same_memory(splits, anchor):
-    mem = make_memory(depth=2, chunk=2, conv=3, anchor=anchor, surprise_gate=True)
+    mem = make_memory(depth=2, chunk=2, conv=3, anchor=anchor)
     x = torch.randn(1, sum(splits), DIM, dtype=torch.float64)
     with torch.no_grad():
         whole, whole_surprise, whole_state = mem.update_and_retrieve(x, mem.initial_state(1, dtype=torch.float64))
@@ -350,7 +343,7 @@ def test_blocked_calls_with_recomputation_equal_one_pass_values_and_gradients(an
     x = torch.randn(2, 29, DIM, dtype=torch.float64)
     results = {}
     for block in (None, 7):
-        mem = make_memory(depth=2, chunk=3, conv=3, anchor=anchor, surprise_gate=True)
+        mem = make_memory(depth=2, chunk=3, conv=3, anchor=anchor)
         mem.cfg.block_tokens = block
         state = mem.initial_state(2, dtype=torch.float64)
         out, surprise, new = mem.update_and_retrieve(x, state)
@@ -435,37 +428,3 @@ def test_anchored_scan_span_changes_no_value_or_gradient(span, monkeypatch):
         torch.testing.assert_close(st1[key], st0[key], atol=1e-10, rtol=0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
-
-
-def test_recall_errors_are_one_on_an_empty_memory_and_fall_on_a_repeat():
-    """recall_error = ||M(k_t) - v_t||^2 / ||v_t||^2 before writing t: exactly 1 where an empty memory reads
-    nothing, far below 1 where the memory has seen the same keys and values."""
-    torch.manual_seed(1)
-    cfg = MemoryConfig(heads=2, depth=2, chunk_size=4, conv_kernel=0, empty_init=True, theta_init=0.9,
-                       theta_max=4.0, eta_init=0.01, alpha_init=0.001)
-    mem = NeuralMemory(DIM, cfg).double()
-    passage = torch.randn(1, 4, DIM, dtype=torch.float64)
-    state = mem.initial_state(1, dtype=torch.float64)
-    for write in range(20):  # the same chunk written again and again
-        inputs = mem._inputs(passage, state, dict(state), None)
-        _, _, errors, state = mem._write_read(*inputs, state)
-        if write == 0:
-            torch.testing.assert_close(errors, torch.ones_like(errors), atol=1e-12, rtol=0)
-    assert float(errors.max()) < 0.1, errors
-
-
-def test_zero_surprise_gate_leaves_the_output_as_without_it():
-    """A fresh surprise gate (weights 0) is exactly the model without one: it can be added to a trained
-    model and learned from there."""
-    x = torch.randn(2, 13, DIM, dtype=torch.float64)
-    outs = []
-    for gate in (False, True):
-        mem = make_memory(depth=2, chunk=4, conv=3)
-        if gate:
-            mem.cfg.surprise_gate = True
-            plain = mem
-            mem = NeuralMemory(DIM, mem.cfg).double()
-            mem.load_state_dict(plain.state_dict(), strict=False)
-        with torch.no_grad():
-            outs.append(mem.update_and_retrieve(x, mem.initial_state(2, dtype=torch.float64))[0])
-    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)

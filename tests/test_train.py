@@ -177,7 +177,6 @@ def test_parameter_groups():
     assert parameter_group("memory.memories.1.out_gate.weight") == "gates"
     assert parameter_group("memory.memories.1.output_scale") == "gates"
     assert parameter_group("core.layers.1.attention.extra_gate") == "gates"
-    assert parameter_group("memory.memories.1.surprise_gate.weight") == "gates"
 
 
 def test_lr_scale_multiplies_one_groups_learning_rate(tmp_path):
@@ -200,28 +199,6 @@ def test_lr_scale_multiplies_one_groups_learning_rate(tmp_path):
 def load_train_config_text(tmp_path: Path, text: str) -> TrainConfig:
     (tmp_path / "bad.yaml").write_text(text)
     return load_train_config(tmp_path / "bad.yaml")
-
-
-def test_overrides_on_a_trained_model_add_a_fresh_surprise_gate(tmp_path):
-    """init + model_overrides: the trained weights load into the changed config, the added surprise gate
-    starts at 0 (the same logits as before); an override that changes a weight's shape is a one-line error."""
-    from titans_runtime.errors import InputError
-    from titans_runtime.model.checkpoint import save_model
-    from titans_runtime.training.loop import build_model
-
-    torch.manual_seed(5)
-    base = TitanModel(config_from_dict(MICRO))
-    save_model(base, tmp_path / "base")
-    cfg = micro_setup(tmp_path, init=str(tmp_path / "base"), model_overrides={"memory.surprise_gate": True})
-    model = build_model(cfg, None)
-    gate = model.memory.memories["1"].surprise_gate
-    assert gate is not None and not gate.weight.any() and not gate.bias.any()
-    tokens = torch.randint(0, 256, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens).logits, base(tokens).logits, atol=0, rtol=0)
-    cfg.model_overrides = {"model.dim": 48}
-    with pytest.raises(InputError, match="has shape"):
-        build_model(cfg, None)
 
 
 def test_schedule_warmup_then_cosine():

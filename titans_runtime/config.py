@@ -114,8 +114,6 @@ class MemoryConfig:
     eta_init: float = 0.9
     alpha_init: float = 0.001
     output_gate_init: float = 1.0    # 0 = closed: the memory starts with no effect on the backbone
-    surprise_gate: bool = False      # the output gate also sees how well the memory predicted each token
-                                     # before writing it (starts at 0: the gate as without it)
     extra_attention_init: float = 1.0  # weight of persistent / memory tokens in attention; 0 = closed
 
     def head_dim(self, model_dim: int) -> int:

@@ -24,10 +24,8 @@ def save_model(model: TitanModel, directory: str | Path) -> Path:
     return directory
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", config: TitansConfig | None = None,
-               new_weights_ok: bool = False) -> TitanModel:
-    """Load a model folder written by save_model (or `tools/convert_llama.py`); `default` = shipped model.
-    `new_weights_ok`: weights that `config` adds (e.g. `memory.surprise_gate`) keep their initialisation."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu", config: TitansConfig | None = None) -> TitanModel:
+    """Load a model folder written by save_model (or `tools/convert_llama.py`); `default` = shipped model."""
     directory = DEFAULT_MODEL_DIR if str(directory) == "default" else Path(directory)
     if not directory.is_dir():
         raise InputError(f"model folder not found: {directory}")
@@ -43,8 +41,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", config
             raise InputError(f"{weights}: weight '{name}' has shape {tuple(tensor.shape)}, "
                              f"{directory / CONFIG_FILE if config is None else 'the config'} implies {tuple(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if new_weights_ok:
-        missing = []
     if missing or unexpected:
         name = (missing or unexpected)[0]
         kind = "missing" if missing else "unexpected"

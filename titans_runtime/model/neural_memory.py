@@ -117,20 +117,6 @@ def mlp_backward(
     return grads, sq_norm.sqrt()
 
 
-@torch.no_grad()
-def recall_error(residual: Tensor, values: Tensor) -> Tensor:
-    """||M(k_t) - v_t||^2 / ||v_t||^2 per token (..., n): how well the memory, before writing token t,
-    predicted what it is about to write (0 = exactly, 1 = as badly as reading nothing). An observation
-    of the memory for the output gate, outside autograd like the surprise."""
-    return residual.square().sum(-1) / values.square().sum(-1).clamp_min(1e-12)
-
-
-def recall_feature(errors: Tensor) -> Tensor:
-    """The recall errors as the output gate sees them: log-scaled (a close recall, 0.01 vs 0.1, matters as
-    much as a miss, 1 vs 10) and bounded below."""
-    return torch.log(errors + 0.01)
-
-
 def decay_products(factor: Tensor) -> tuple[Tensor, Tensor]:
     """For factors f_1..f_R (last dim): T[r, j] = prod_{i=j+1..r} f_i for j <= r (0 above the diagonal) and
     T0[r] = prod_{i<=r} f_i, from cumulative sums of logs (f clamped at 1e-30 so log stays finite)."""
@@ -250,14 +236,6 @@ class NeuralMemory(nn.Module):
         nn.init.zeros_(self.out_gate.bias)
         # Output gate scale: 0 closes the memory exactly (a converted LLaMA starts closed), learnable.
         self.output_scale = nn.Parameter(torch.full((model_dim,), float(cfg.output_gate_init)))
-        # The output gate may also see how well the memory predicted the current token before writing it
-        # (per head, see `recall_feature`): a repeat is where it was right, so the backbone can tell when to
-        # trust its read. Starts at 0: the gate is what it was without it.
-        self.surprise_gate = None
-        if cfg.surprise_gate:
-            self.surprise_gate = nn.Linear(cfg.heads, model_dim)
-            nn.init.zeros_(self.surprise_gate.weight)
-            nn.init.zeros_(self.surprise_gate.bias)
 
     @torch.no_grad()
     def _init_induction_prior(self) -> None:
@@ -322,17 +300,13 @@ class NeuralMemory(nn.Module):
             y = F.normalize(y, dim=-1)
         return y
 
-    def _output(self, read: Tensor, x: Tensor | None, valid: Tensor | None = None,
-                errors: Tensor | None = None) -> Tensor:
-        """Reads (B, H, T, d) -> (B, T, model_dim): projected, then gated by x (MAG/MAL/MAC update path) and,
-        with `surprise_gate`, by the tokens' recall errors (B, H, T); padding (valid False) outputs 0."""
+    def _output(self, read: Tensor, x: Tensor | None, valid: Tensor | None = None) -> Tensor:
+        """Reads (B, H, T, d) -> (B, T, model_dim): projected, then gated by x (MAG/MAL/MAC update path);
+        padding (valid False) outputs 0."""
         out = self.out_proj(read.transpose(1, 2).flatten(2).to(self.out_proj.weight.dtype))
         if x is None:
             return out
-        gate = self.out_gate(x)
-        if self.surprise_gate is not None:
-            gate = gate + self.surprise_gate(recall_feature(errors).transpose(1, 2).to(gate.dtype))
-        out = out * torch.sigmoid(gate) * self.output_scale
+        out = out * torch.sigmoid(self.out_gate(x)) * self.output_scale
         if valid is not None:
             out = out * valid[..., None].to(out.dtype)
         return out.to(x.dtype)
@@ -460,8 +434,8 @@ class NeuralMemory(nn.Module):
                 # activations, most of the recompute's matmul work) keep theirs.
                 new = dict(state)
                 q, k, v, gates = self._inputs(xb, state, new, vb)
-                read, surprise, errors, state = self._recomputed_write_read(q, k, v, gates, new)
-                out = self._output(read, xb, vb, errors)
+                read, surprise, state = self._recomputed_write_read(q, k, v, gates, new)
+                out = self._output(read, xb, vb)
             else:
                 out, surprise, state = self._update_and_retrieve(xb, state, vb)
             outs.append(out)
@@ -469,7 +443,7 @@ class NeuralMemory(nn.Module):
         return torch.cat(outs, dim=1), torch.cat(surprises, dim=1), state
 
     def _recomputed_write_read(self, q: Tensor, k: Tensor, v: Tensor, gates: Tensor,
-                               state: MemoryState) -> tuple[Tensor, Tensor, Tensor, MemoryState]:
+                               state: MemoryState) -> tuple[Tensor, Tensor, MemoryState]:
         """`_write_read` whose activations are recomputed in the backward instead of kept (see `_Recomputed`).
         Every tensor it differentiates is an explicit input: q, k, v, gates and the state (no parameters)."""
         keys = list(state)
@@ -477,13 +451,13 @@ class NeuralMemory(nn.Module):
 
         def run(*tensors: Tensor) -> tuple[Tensor, ...]:
             inputs = dict(zip(keys, tensors[4:]))
-            read, surprise, errors, new = self._write_read(*tensors[:4], inputs)
+            read, surprise, new = self._write_read(*tensors[:4], inputs)
             # Only what the call changed leaves the Function (an input passed through stays outside it).
             changed[:] = [key for key in new if new[key] is not inputs.get(key)]
-            return (read, surprise, errors, *(new[key] for key in changed))
+            return (read, surprise, *(new[key] for key in changed))
 
         outs = _Recomputed.apply(run, q, k, v, gates, *state.values())
-        return outs[0], outs[1], outs[2], {**state, **dict(zip(changed, outs[3:]))}
+        return outs[0], outs[1], {**state, **dict(zip(changed, outs[2:]))}
 
     def _update_and_retrieve(
         self, x: Tensor, state: MemoryState, valid: Tensor | None = None
@@ -494,8 +468,8 @@ class NeuralMemory(nn.Module):
         Returns (gated output (B, T, model_dim), surprise (B, T) = per-token gradient norm averaged over
         heads, new state)."""
         new = dict(state)
-        read, surprise, errors, new = self._write_read(*self._inputs(x, state, new, valid), new)
-        return self._output(read, x, valid, errors), surprise, new
+        read, surprise, new = self._write_read(*self._inputs(x, state, new, valid), new)
+        return self._output(read, x, valid), surprise, new
 
     def _inputs(self, x: Tensor, state: MemoryState, new: MemoryState,
                 valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -512,10 +486,9 @@ class NeuralMemory(nn.Module):
         return q, k, v, torch.stack((theta, eta, alpha, ok), dim=-1).transpose(1, 2)
 
     def _write_read(self, q: Tensor, k: Tensor, v: Tensor, new_gates: Tensor,
-                    state: MemoryState) -> tuple[Tensor, Tensor, Tensor, MemoryState]:
+                    state: MemoryState) -> tuple[Tensor, Tensor, MemoryState]:
         """The memory proper on projected inputs (see `_inputs`): writes them chunk by chunk and reads the
-        queries. Returns (reads (B, H, T, d), surprise (B, T), recall errors (B, H, T; see `recall_error`),
-        new state)."""
+        queries. Returns (reads (B, H, T, d), surprise (B, T), new state)."""
         new = dict(state)
         mdt = state["w0"].dtype
         n_pending = state["pending_k"].shape[2]
@@ -558,7 +531,7 @@ class NeuralMemory(nn.Module):
         # chunk reads alone: an anchored run reads its queries as one slice.
         q_chunks = (q.split([min(s + b, total) - max(s, n_pending) for s in range(0, total, b)], dim=2)
                     if anchor_every == 1 or any(run == 1 for _, run in runs) else None)
-        reads, surprises, errors = [], [], []
+        reads, surprises = [], []
         for (c, run), run_keys, run_values, run_weight in zip(runs, key_runs, value_runs, weight_runs):
             start = c * b
             if anchor_every == 1:
@@ -566,10 +539,9 @@ class NeuralMemory(nn.Module):
                 n_keys = run_keys.shape[2]
                 out, inputs, pre = mlp_forward(weights, torch.cat((run_keys, q_chunks[c]), dim=2))
                 reads.append(out[:, :, n_keys:])
-                residual = out[:, :, :n_keys] - run_values
                 grads, grad_norm = mlp_backward(
                     weights, [a[:, :, :n_keys] for a in inputs], [z[:, :, :n_keys] for z in pre],
-                    residual, run_weight)
+                    out[:, :, :n_keys] - run_values, run_weight)
                 chunk_grads = [grads]
             else:
                 # Anchored: every chunk of a window of `anchor_every` chunks takes its gradient at the
@@ -578,11 +550,9 @@ class NeuralMemory(nn.Module):
                     anchor = list(weights)
                 # One matmul over the run's tokens per layer; only the weight gradients are per chunk.
                 out, inputs, pre = mlp_forward(anchor, run_keys)
-                residual = out - run_values
-                grads, grad_norm = mlp_backward(anchor, inputs, pre, residual, run_weight, chunks=run)
+                grads, grad_norm = mlp_backward(anchor, inputs, pre, out - run_values, run_weight, chunks=run)
                 chunk_grads = [[g[:, :, 0] for g in grads]] if run == 1 else []
             surprises.append(2.0 * grad_norm[:, :, max(start, n_pending) - start:])
-            errors.append(recall_error(residual, run_values)[:, :, max(start, n_pending) - start:])
             if run > 1:  # every gradient of the run is known: momentum, forgetting and reads in parallel
                 window_gates = (eta_full[..., c:c + run], keep_full[..., c:c + run], on_full[..., c:c + run])
                 pad = max(0, n_pending - start)  # pending queries were read when they arrived
@@ -618,4 +588,4 @@ class NeuralMemory(nn.Module):
             new[f"w{i}"] = weights[i]
             new[f"s{i}"] = momentum[i]
         new["seen"] = state["seen"] + q.shape[2]
-        return torch.cat(reads, dim=2), torch.cat(surprises, dim=2).mean(dim=1), torch.cat(errors, dim=2), new
+        return torch.cat(reads, dim=2), torch.cat(surprises, dim=2).mean(dim=1), new

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from titans_runtime.config import TitansConfig, load_config
 from titans_runtime.errors import ConfigError
-from titans_runtime.model.checkpoint import CONFIG_FILE, load_model, save_model
+from titans_runtime.model.checkpoint import load_model, save_model
 from titans_runtime.model.state import StreamState
 from titans_runtime.model.titans import TitanModel
 from titans_runtime.model.tokenizer import load_tokenizer
@@ -48,7 +48,7 @@ def resolve_path(path: str, base: Path | None = None) -> Path:
 
 def parameter_group(name: str) -> str:
     """Which `--train` group a parameter belongs to."""
-    if ".out_gate." in name or ".surprise_gate." in name or name.endswith("output_scale") or name.endswith("extra_gate"):
+    if ".out_gate." in name or name.endswith("output_scale") or name.endswith("extra_gate"):
         return "gates"
     if name.startswith("memory."):
         return "memory"
@@ -59,13 +59,10 @@ def parameter_group(name: str) -> str:
 
 def build_model(cfg: TrainConfig, base: Path | None) -> TitanModel:
     if cfg.init is not None:
-        folder = resolve_path(cfg.init, base)
-        if not cfg.model_overrides or not (folder / CONFIG_FILE).is_file():
-            return load_model(folder)  # (a folder without a config: load_model names the problem)
-        # Overrides on a trained model: its weights load into the changed config; weights the change adds
-        # (a surprise gate) start at their initialisation; one whose shape the change alters is an error.
-        model_cfg = load_config(folder / CONFIG_FILE).replace(**cfg.model_overrides)
-        return load_model(folder, config=model_cfg, new_weights_ok=True)
+        model = load_model(resolve_path(cfg.init, base))
+        if cfg.model_overrides:
+            raise ConfigError("model_overrides: not allowed with init (the model folder fixes the config)")
+        return model
     model_cfg: TitansConfig = load_config(resolve_path(cfg.model, base))
     if cfg.model_overrides:
         model_cfg = model_cfg.replace(**cfg.model_overrides)
@@ -74,18 +71,20 @@ def build_model(cfg: TrainConfig, base: Path | None) -> TitanModel:
 
 def make_optimizer(model: TitanModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the selected groups; weight decay on matrices only; `optim.lr_scale` per group."""
-    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    # Keyed (decays, lr scale); the two unscaled groups always exist, decayed first: the layout from before
+    # lr_scale, so its checkpoints resume.
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, param in model.named_parameters():
         group = parameter_group(name)
         param.requires_grad_(group in cfg.train)
         if param.requires_grad:
             decays = param.dim() >= 2 and "extra_gate" not in name
-            groups.setdefault((decays, cfg.optim.lr_scale.get(group, 1.0)), []).append(param)
-    if not groups:
+            groups.setdefault((decays, float(cfg.optim.lr_scale.get(group, 1.0))), []).append(param)
+    if not any(groups.values()):
         raise ConfigError(f"train: the groups {cfg.train} select no parameter of this model")
     return torch.optim.AdamW(
         [{"params": params, "weight_decay": cfg.optim.weight_decay if decays else 0.0, "lr_scale": scale}
-         for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))],
+         for (decays, scale), params in groups.items()],
         lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
