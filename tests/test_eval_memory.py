@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 import titans_runtime.evaluation.png_plot as png_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,3 +61,38 @@ def test_an_unknown_plot_model_fails_before_evaluating(monkeypatch, capsys):
     argv = ["--model", "default", "--evals", "bpb", "--plot", "x.png", "--plot-model", "nope"]
     assert eval_memory.main(argv) != 0
     assert "nope" in capsys.readouterr().err
+
+
+def test_bits_by_position_averages_each_stretch_and_agrees_with_bits_per_byte():
+    import math
+
+    import torch
+
+    from titans_runtime.config import config_from_dict
+    from titans_runtime.evaluation import memory as ev
+    from titans_runtime.model.titans import TitanModel
+    from titans_runtime.model.tokenizer import ByteTokenizer
+
+    nll = torch.tensor([[1.0, 1.0, 2.0, 4.0], [3.0, 1.0, 2.0, 0.0]]) * math.log(2)
+    assert ev.bits_by_position(nll, [2]) == pytest.approx([1.5, 2.0])
+    assert ev.bits_by_position(nll, [1, 3]) == pytest.approx([2.0, 1.5, 2.0])
+    with pytest.raises(ValueError):
+        ev.bits_by_position(nll, [3, 2])
+
+    torch.manual_seed(0)
+    model = TitanModel(config_from_dict({
+        "variant": "mag", "tokenizer": "byte",
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 256, "multiple_of": 16},
+        "attention": {"window": 16, "segment_len": 16}, "memory": {"layers": [0], "heads": 2, "chunk_size": 4}}))
+    tokens = torch.randint(0, 256, (2, 65))
+    nll, _ = ev.stream_predictions(model, tokens)
+    parts = ev.bits_by_position(nll, [16, 40])
+    whole = ev.bits_per_byte(model, tokens, ByteTokenizer())
+    assert abs((16 * parts[0] + 24 * parts[1] + 24 * parts[2]) / 64 - whole) < 1e-5
+
+
+def test_bad_position_cuts_are_one_line_errors(capsys):
+    for cuts in ("256,x", "300,200", "0,10", "5000"):
+        assert eval_memory.main(["--model", "default", "--evals", "bpb", "--bpb-positions", cuts]) != 0
+        err = capsys.readouterr().err.strip()
+        assert "--bpb-positions" in err and "\n" not in err

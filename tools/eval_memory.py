@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat-trials", type=int, default=32)
     p.add_argument("--bpb-streams", type=int, default=8)
     p.add_argument("--bpb-tokens", type=int, default=4096)
+    p.add_argument("--bpb-positions", default=None,
+                   help="also bits per token by stream position, cut here (e.g. 256,1280,2560)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", help="PNG of pass-key accuracy vs haystack length")
@@ -148,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
         raise InputError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
+    try:
+        cuts = [int(x) for x in args.bpb_positions.split(",")] if args.bpb_positions else []
+    except ValueError:
+        raise InputError(f"--bpb-positions: expected comma-separated integers, got {args.bpb_positions!r}") from None
+    if cuts and not (0 < cuts[0] and all(a < b for a, b in zip(cuts, cuts[1:])) and cuts[-1] < args.bpb_tokens - 1):
+        raise InputError(f"--bpb-positions: cuts must increase inside 1..{args.bpb_tokens - 2} (--bpb-tokens {args.bpb_tokens})")
     if args.from_json:
         return merge(args, lengths)
     specs = args.model or ["default"]
@@ -192,7 +200,15 @@ def run(args: argparse.Namespace) -> int:
             if "bpb" in evals:
                 rng = np.random.default_rng([args.seed, 3])
                 tokens = ev.text_batch(corpus, rng, args.bpb_streams, args.bpb_tokens)
-                row["bits_per_byte"] = ev.bits_per_byte(model, tokens, tokenizer, memory)
+                nll, _ = ev.stream_predictions(model, tokens, memory)
+                row["bits_per_byte"] = ev.bits_per_byte(model, tokens, tokenizer, memory, nll=nll)
+                if cuts:
+                    bits = ev.bits_by_position(nll, cuts)
+                    row["bits_by_position"] = {"cuts": cuts, "bits_per_token": bits}
+                    edges = [0, *cuts, args.bpb_tokens - 1]
+                    stretches = " / ".join(f"{a}-{b}" for a, b in zip(edges, edges[1:]))
+                    console.print(f"{name} memory {label}: bits per token by position {stretches}: "
+                                  + " / ".join(f"{b:.3f}" for b in bits), soft_wrap=True)
             row["seconds"] = time.perf_counter() - t0
             results[name]["memory"][label] = row
             rep = f"{row['repeat']['ratio']:.3f}" if "repeat" in row else "-"
