@@ -57,7 +57,7 @@ def test_an_unknown_plot_model_fails_before_evaluating(monkeypatch, capsys):
     def evaluated(*args, **kwargs):
         raise AssertionError("evaluated before checking --plot-model")
 
-    monkeypatch.setattr(ev, "bits_per_byte", evaluated)
+    monkeypatch.setattr(ev, "stream_predictions", evaluated)  # what the bits-per-byte evaluation reads
     argv = ["--model", "default", "--evals", "bpb", "--plot", "x.png", "--plot-model", "nope"]
     assert eval_memory.main(argv) != 0
     assert "nope" in capsys.readouterr().err

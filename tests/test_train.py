@@ -192,13 +192,9 @@ def test_lr_scale_multiplies_one_groups_learning_rate(tmp_path):
     base = learning_rate(0, 4, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
     assert gates and all(math.isclose(rates[i], 10 * base) for i in gates)
     assert all(math.isclose(rate, base) for i, rate in rates.items() if i not in gates)
+    (tmp_path / "bad.yaml").write_text("optim: {lr_scale: {gate: 2}}\n")
     with pytest.raises(ConfigError, match="optim.lr_scale"):
-        load_train_config_text(tmp_path, "optim: {lr_scale: {gate: 2}}\n")
-
-
-def load_train_config_text(tmp_path: Path, text: str) -> TrainConfig:
-    (tmp_path / "bad.yaml").write_text(text)
-    return load_train_config(tmp_path / "bad.yaml")
+        load_train_config(tmp_path / "bad.yaml")
 
 
 def test_schedule_warmup_then_cosine():

@@ -154,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
         cuts = [int(x) for x in args.bpb_positions.split(",")] if args.bpb_positions else []
     except ValueError:
         raise InputError(f"--bpb-positions: expected comma-separated integers, got {args.bpb_positions!r}") from None
-    if cuts and not (0 < cuts[0] and all(a < b for a, b in zip(cuts, cuts[1:])) and cuts[-1] < args.bpb_tokens - 1):
-        raise InputError(f"--bpb-positions: cuts must increase inside 1..{args.bpb_tokens - 2} (--bpb-tokens {args.bpb_tokens})")
+    if cuts:
+        try:  # checked before any model is read: a stream of --bpb-tokens has one prediction fewer
+            ev.check_position_cuts(cuts, args.bpb_tokens - 1)
+        except ValueError as exc:
+            raise InputError(f"--bpb-positions: {exc} (--bpb-tokens {args.bpb_tokens})") from None
     if args.from_json:
         return merge(args, lengths)
     specs = args.model or ["default"]
@@ -201,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 rng = np.random.default_rng([args.seed, 3])
                 tokens = ev.text_batch(corpus, rng, args.bpb_streams, args.bpb_tokens)
                 nll, _ = ev.stream_predictions(model, tokens, memory)
-                row["bits_per_byte"] = ev.bits_per_byte(model, tokens, tokenizer, memory, nll=nll)
+                row["bits_per_byte"] = ev.nll_bits_per_byte(nll, tokens, tokenizer)
                 if cuts:
                     bits = ev.bits_by_position(nll, cuts)
                     row["bits_by_position"] = {"cuts": cuts, "bits_per_token": bits}

@@ -120,24 +120,32 @@ def text_batch(corpus: Corpus, rng: np.random.Generator, streams: int, length: i
     return torch.stack([corpus.sample(rng, length, split) for _ in range(streams)])
 
 
-def bits_per_byte(model: TitanModel, tokens: Tensor, tokenizer: Any, memory: bool = True,
-                  nll: Tensor | None = None) -> float:
-    """Held-out bits per byte of `tokens` (B, N); `nll`: their `stream_predictions` NLL if already computed."""
+def bits_per_byte(model: TitanModel, tokens: Tensor, tokenizer: Any, memory: bool = True) -> float:
+    """Held-out bits per byte of `tokens` (B, N) read as one stream per row."""
+    return nll_bits_per_byte(stream_predictions(model, tokens, memory)[0], tokens, tokenizer)
+
+
+def nll_bits_per_byte(nll: Tensor, tokens: Tensor, tokenizer: Any) -> float:
+    """Bits per byte from `tokens`' next-token NLL (B, N-1), as `stream_predictions` returns it."""
     from titans_runtime.model.tokenizer import ByteTokenizer
 
-    if nll is None:
-        nll, _ = stream_predictions(model, tokens, memory)
     if isinstance(tokenizer, ByteTokenizer):  # one token per byte (decoding could alter cut characters)
         return float(nll.sum()) / math.log(2) / nll.numel()
     n_bytes = sum(len(tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in tokens)
     return float(nll.sum()) / math.log(2) / n_bytes
 
 
+def check_position_cuts(cuts: list[int], predictions: int) -> None:
+    """ValueError unless `cuts` increase inside 1..predictions-1 (see `bits_by_position`)."""
+    edges = [0, *cuts, predictions]
+    if any(a >= b for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"cuts must increase inside 1..{predictions - 1}, got {','.join(map(str, cuts))}")
+
+
 def bits_by_position(nll: Tensor, cuts: list[int]) -> list[float]:
     """Mean bits per token of the next-token NLL (B, N-1) over stream positions cut at `cuts` (each in
     1..N-2, increasing): [0, cuts[0]), [cuts[0], cuts[1]), ..., [cuts[-1], N-1). Where along a stream a
     model gains or loses (a memory filling up, a window's worth of context)."""
+    check_position_cuts(cuts, nll.shape[1])
     edges = [0, *cuts, nll.shape[1]]
-    if any(a >= b for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"position cuts {cuts} must increase inside 1..{nll.shape[1] - 1}")
     return [float(nll[:, a:b].mean()) / math.log(2) for a, b in zip(edges, edges[1:])]
