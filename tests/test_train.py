@@ -19,6 +19,7 @@ from titans_runtime.training.data import (Corpus, load_corpus, noise_repeat_sequ
                                           SequenceBatches, repeat_sequence)
 from titans_runtime.training.loop import Trainer, parameter_group, sequence_loss
 from titans_runtime.training.schedule import learning_rate
+from titans_runtime.training.stream_plan import LONG_TEXT, MIXED, StreamPlan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -362,3 +363,53 @@ def test_task_per_window_puts_one_task_in_each_window(tmp_path):
     # one piece gives the whole-sequence layout: a single repeat somewhere in the sequence
     single = SequenceBatches(corpus, ByteTokenizer(), cfg, 3, 4 * window + 1, 32, seed=0).weighted(0)[1]
     assert all(int((row == 5.0).sum()) == 16 for row in single)
+
+
+def test_stream_plan_mixes_long_text_streams():
+    plain = StreamPlan(2, 0, 0.0, seed=1)
+    assert [(p.index, p.window, p.windows) for p in map(plain.at, range(5))] == [(0, 0, 2), (0, 1, 2), (1, 0, 2),
+                                                                                  (1, 1, 2), (2, 0, 2)]
+    plan = StreamPlan(1, 3, 0.5, seed=1)
+    walked = [plan.at(step) for step in range(60)]
+    assert StreamPlan(1, 3, 0.5, seed=1).at(59) == walked[59]  # a pure function of the step (resume)
+    assert {p.kind for p in walked} == {MIXED, LONG_TEXT}
+    expected = {MIXED: 0, LONG_TEXT: 0}
+    step = 0
+    while step < 57:  # sequence by sequence: every window in order, each kind numbered 0, 1, 2, ...
+        first = walked[step]
+        assert first.window == 0 and first.index == expected[first.kind]
+        assert first.windows == (3 if first.kind == LONG_TEXT else 1)
+        assert [walked[step + w].window for w in range(first.windows)] == list(range(first.windows))
+        expected[first.kind] += 1
+        step += first.windows
+
+
+def test_long_text_streams_carry_state_reset_and_resume_exactly(tmp_path):
+    cfg = micro_setup(tmp_path, steps=9, windows_per_sequence=1, long_text_windows=3, long_text_share=0.5)
+    # the mixed sequences all repeats (a pass key does not fit in 33 tokens); the long ones still plain text
+    cfg.data.synthetic_fraction, cfg.data.passkey_share, cfg.data.recall_weight = 1.0, 0.0, 5.0
+    straight = Trainer(cfg, tmp_path / "a")
+    kinds = [straight.plan.at(step) for step in range(cfg.steps)]
+    assert any(p.kind == LONG_TEXT for p in kinds) and any(p.kind == MIXED for p in kinds)
+    losses_a = []
+    for planned in kinds:
+        tokens, weights = straight.sequence_batch(planned.index, planned.kind)
+        long = planned.kind == LONG_TEXT
+        assert tokens.shape[1] == (3 if long else 1) * cfg.tbptt_segments * 16 + 1
+        assert bool((weights == 1.0).all()) == long  # a task weights its recall tokens 5x
+        losses_a.append(straight.train_step().loss)
+        assert (straight.carried is None) == (planned.window == planned.windows - 1)
+    middle = next(s for s, p in enumerate(kinds) if p.kind == LONG_TEXT and p.window == 1)
+    first = Trainer(cfg, tmp_path / "b")
+    losses_b = [r.loss for r in first.run(stop_at=middle)]  # stops inside a long stream: its state is saved
+    assert first.carried is not None
+    resumed = Trainer(cfg, tmp_path / "b")
+    resumed.resume()
+    losses_b += [r.loss for r in resumed.run()]
+    assert losses_a == losses_b
+
+
+def test_long_text_share_needs_long_windows(tmp_path):
+    cfg = micro_setup(tmp_path, long_text_share=0.5)
+    with pytest.raises(ConfigError, match="long_text_share"):
+        cfg.validate()

@@ -90,6 +90,10 @@ class TrainConfig:
     batch_size: int = 8
     tbptt_segments: int = 8            # segments (of attention.segment_len tokens) per backward
     windows_per_sequence: int = 2      # TBPTT windows a stream's state is carried over before it resets
+    # Plain-text streams this many windows long, mixed in at `long_text_share` of the sequences (0 = none):
+    # the memory is read after thousands of tokens while every synthetic task still starts fresh.
+    long_text_windows: int = 0
+    long_text_share: float = 0.0
     eval_every: int = 100
     eval_batches: int = 2
     checkpoint_every: int = 100
@@ -107,6 +111,10 @@ class TrainConfig:
                     "checkpoint_every", "log_every"):
             _require(getattr(self, key) > 0, key, "must be positive")
         _require(self.threads >= 0, "threads", "must be >= 0")
+        _require(self.long_text_windows >= 0, "long_text_windows", "must be >= 0")
+        _require(0.0 <= self.long_text_share <= 1.0, "long_text_share", "must lie in [0, 1]")
+        _require(self.long_text_share == 0.0 or self.long_text_windows > 0, "long_text_share",
+                 "needs long_text_windows > 0")
 
     @property
     def sequence_segments(self) -> int:

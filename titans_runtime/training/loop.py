@@ -1,10 +1,11 @@
 """The training loop: truncated back-propagation through time over consecutive segments.
 
-A batch row is one sequence of `windows_per_sequence * tbptt_segments` segments. The model reads it
-segment by segment, carrying its StreamState (attention caches, long-term memory fast weights, momentum),
-so the outer loop learns to write memory that later segments read. Gradients flow through the memory
-across the `tbptt_segments` of one window; between windows the state is detached (and carried on); a
-new sequence starts from a fresh state. One optimiser step per window.
+A batch row is one sequence of `windows_per_sequence * tbptt_segments` segments (or, for the long
+plain-text streams of `long_text_share`, `long_text_windows * tbptt_segments`; see stream_plan). The model
+reads it segment by segment, carrying its StreamState (attention caches, long-term memory fast weights,
+momentum), so the outer loop learns to write memory that later segments read. Gradients flow through the
+memory across the `tbptt_segments` of one window; between windows the state is detached (and carried on);
+a new sequence starts from a fresh state. One optimiser step per window.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from titans_runtime.training.checkpoint import load_checkpoint, save_checkpoint
 from titans_runtime.training.config import TrainConfig
 from titans_runtime.training.data import Corpus, SequenceBatches, load_corpus
 from titans_runtime.training.schedule import learning_rate
+from titans_runtime.training.stream_plan import LONG_TEXT, MIXED, StreamPlan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_DIR = "checkpoint"
@@ -153,6 +155,11 @@ class Trainer:
         self.batches = SequenceBatches(self.corpus, self.tokenizer, self.cfg.data, self.cfg.batch_size, length, gap,
                                        self.cfg.seed, pieces=pieces)
         text_only = type(self.cfg.data)(**{**self.cfg.data.__dict__, "synthetic_fraction": 0.0})
+        self.long_batches = None if self.cfg.long_text_windows == 0 else SequenceBatches(
+            self.corpus, self.tokenizer, text_only, self.cfg.batch_size, self.cfg.long_text_windows * self.window_len + 1,
+            gap, self.cfg.seed + 3)
+        self.plan = StreamPlan(self.cfg.windows_per_sequence, self.cfg.long_text_windows, self.cfg.long_text_share,
+                               self.cfg.seed)
         synth_only = type(self.cfg.data)(**{**self.cfg.data.__dict__, "synthetic_fraction": 1.0})
         self.eval_sets = {
             "text": SequenceBatches(self.corpus, self.tokenizer, text_only, self.cfg.batch_size, length, gap,
@@ -165,7 +172,7 @@ class Trainer:
         self.elapsed = 0.0
         self.carried: StreamState | None = None
         self.skipped = 0  # windows skipped for a non-finite loss
-        self._cached: tuple[int, tuple[Tensor, Tensor]] | None = None
+        self._cached: tuple[tuple[str, int], tuple[Tensor, Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------ plumbing
     @property
@@ -186,19 +193,21 @@ class Trainer:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def sequence_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        """Tokens and loss weights of training batch `index` (the windows of one batch reuse it)."""
-        if self._cached is None or self._cached[0] != index:
-            tokens, weights = self.batches.weighted(index)
-            self._cached = (index, (tokens.to(self.device), weights.to(self.device)))
+    def sequence_batch(self, index: int, kind: str = MIXED) -> tuple[Tensor, Tensor]:
+        """Tokens and loss weights of training batch `index` of `kind` (the windows of one batch reuse it)."""
+        if self._cached is None or self._cached[0] != (kind, index):
+            batches = self.long_batches if kind == LONG_TEXT else self.batches
+            tokens, weights = batches.weighted(index)
+            self._cached = ((kind, index), (tokens.to(self.device), weights.to(self.device)))
         return self._cached[1]
 
     # -------------------------------------------------------------------------------------- steps
     def train_step(self) -> StepResult:
         cfg = self.cfg
         t0 = time.perf_counter()
-        seq_index, window = divmod(self.step, cfg.windows_per_sequence)
-        tokens, weights = self.sequence_batch(seq_index)
+        planned = self.plan.at(self.step)
+        window = planned.window
+        tokens, weights = self.sequence_batch(planned.index, planned.kind)
         start = window * self.window_len
         chunk = tokens[:, start:start + self.window_len + 1]
         chunk_weights = weights[:, start:start + self.window_len + 1]
@@ -230,7 +239,7 @@ class Trainer:
         else:
             grad_norm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params if p.grad is not None)))
         self.optimizer.step()
-        last_window = window == cfg.windows_per_sequence - 1
+        last_window = window == planned.windows - 1
         self.carried = None if last_window else state.detach()
         self.step += 1
         self.tokens_seen += n_tokens
