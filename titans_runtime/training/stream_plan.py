@@ -9,6 +9,7 @@ plain step -> (step // windows, step % windows) of before.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,6 @@ class StreamPlan:
             return PlannedWindow(MIXED, index, window, self.windows)
         while self._starts[-1] <= step:
             self._extend()
-        sequence = int(np.searchsorted(self._starts, step, side="right")) - 1
+        sequence = bisect.bisect_right(self._starts, step) - 1  # (no array copy of the table per step)
         kind, index, windows = self._sequences[sequence]
         return PlannedWindow(kind, index, step - self._starts[sequence], windows)
