@@ -1,4 +1,5 @@
-"""tools/eval_memory.py's merge of earlier --json results: the table, and which models the plot draws."""
+"""tools/eval_memory.py: the merge of earlier --json results (the table, which models the plot draws), its
+one-line input errors, and the warm-memory streams."""
 from __future__ import annotations
 
 import importlib.util
@@ -96,3 +97,30 @@ def test_bad_position_cuts_are_one_line_errors(capsys):
         assert eval_memory.main(["--model", "default", "--evals", "bpb", "--bpb-positions", cuts]) != 0
         err = capsys.readouterr().err.strip()
         assert "--bpb-positions" in err and "\n" not in err
+
+
+def test_a_warm_pass_key_stream_is_the_cold_one_after_other_text():
+    """--warm: the same needle, haystack and question, after `warm` tokens of other held-out text; the
+    answer positions move with them."""
+    import numpy as np
+    import torch
+
+    from titans_runtime.evaluation import memory as ev
+    from titans_runtime.model.tokenizer import ByteTokenizer
+    from titans_runtime.training.data import Corpus
+
+    tokenizer = ByteTokenizer()
+    text = torch.randint(32, 127, (4000,), generator=torch.Generator().manual_seed(0))
+    corpus = Corpus(["t"], [text[:1000]], [text[1000:]])
+    cold, a0, a1 = ev.passkey_batch(corpus, tokenizer, np.random.default_rng(3), trials=4, haystack=100)
+    warm, w0, w1 = ev.passkey_batch(corpus, tokenizer, np.random.default_rng(3), trials=4, haystack=100, warm=50)
+    assert (w0, w1) == (a0 + 50, a1 + 50)
+    assert torch.equal(warm[:, 50:], cold)
+    assert not torch.equal(warm[0, :50], warm[1, :50])  # each stream its own text
+    assert bytes(warm[:, w0:w1].flatten().tolist()).decode().isdigit()
+
+
+def test_a_negative_warm_is_a_one_line_error(capsys):
+    assert eval_memory.main(["--model", "default", "--evals", "repeat", "--warm", "-1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--warm" in err and "\n" not in err

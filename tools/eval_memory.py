@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passage", type=int, default=128, help="repeat-after-gap passage tokens")
     p.add_argument("--gap", type=int, default=8, help="repeat-after-gap filler, in attention windows (>= 8)")
     p.add_argument("--repeat-trials", type=int, default=32)
+    p.add_argument("--warm", type=int, default=0,
+                   help="start every repeat and pass-key stream with this many attention windows of other "
+                        "held-out text (a warm memory, as in a long stream); 0: A / the key arrive first")
     p.add_argument("--bpb-streams", type=int, default=8)
     p.add_argument("--bpb-tokens", type=int, default=4096)
     p.add_argument("--bpb-positions", default=None,
@@ -146,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--evals: unknown evaluation {sorted(evals - {'repeat', 'passkey', 'bpb'})[0]!r}")
     if args.gap < 8:
         raise InputError("--gap: must be at least 8 attention windows")
+    if args.warm < 0:
+        raise InputError("--warm: must be 0 or more attention windows")
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -171,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     memories = {"on": [True], "off": [False], "both": [True, False]}[args.memory]
     files = [str(resolve_path(f)) for f in (args.data or ["../shared/data/corpora"])]
     results: dict = {}
-    table = Table(title="Memory at test time (held-out text)")
+    warm = f", warm memory: {args.warm} windows of other text first" if args.warm else ""
+    table = Table(title=f"Memory at test time (held-out text{warm})")
     for col in ("model", "variant", "params", "memory", "repeat 2nd/1st", "pass-key acc by haystack x window", "bits/byte"):
         table.add_column(col)
     for name, model in models.items():
@@ -189,14 +195,15 @@ def run(args: argparse.Namespace) -> int:
             if "repeat" in evals:
                 rng = np.random.default_rng([args.seed, 1])
                 tokens, first, second = ev.repeat_batch(corpus, rng, args.repeat_trials, args.passage,
-                                                        args.gap * window, window)
+                                                        args.gap * window, (1 + args.warm) * window)
                 r = ev.repeat_after_gap(model, tokens, first, second, args.passage, memory)
                 row["repeat"] = {"first": r.first, "second": r.second, "ratio": r.ratio, "gap": r.gap}
             if "passkey" in evals:
                 row["passkey"] = {}
                 for mult in lengths:
                     rng = np.random.default_rng([args.seed, 2, mult])
-                    tokens, a0, a1 = ev.passkey_batch(corpus, tokenizer, rng, args.trials, mult * window)
+                    tokens, a0, a1 = ev.passkey_batch(corpus, tokenizer, rng, args.trials, mult * window,
+                                                        warm=args.warm * window)
                     pk = ev.passkey(model, tokens, a0, a1, memory)
                     row["passkey"][str(mult)] = {"accuracy": pk.accuracy, "digit_accuracy": pk.digit_accuracy,
                                                  "haystack": mult * window, "trials": pk.trials}

@@ -9,6 +9,9 @@ every attention segment, so nothing reaches further back than the attention wind
   window, then "What is the pass key? The pass key is " -> correct when the greedy prediction of every
   answer token is right (teacher forcing on the answer prefix = greedy decoding of the answer).
 - bits_per_byte: next-token loss on held-out text, in bits per byte of UTF-8 text.
+
+Both recall evaluations can start from a warm memory (`warm` tokens of other held-out text first): in a long
+stream a fact arrives when the memory already holds a lot, not into an empty one.
 """
 from __future__ import annotations
 
@@ -99,12 +102,15 @@ class PassKeyResult:
 
 
 def passkey_batch(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, trials: int, haystack: int,
-                  split: str = "heldout") -> tuple[Tensor, int, int]:
+                  split: str = "heldout", warm: int = 0) -> tuple[Tensor, int, int]:
+    """(tokens (trials, warm + example), answer start, answer end): `warm` tokens of other text before
+    each needle (0: the needle opens the stream, into an empty memory)."""
     examples = [passkey_example(tokenizer, random_key(rng), corpus.sample(rng, haystack, split)) for _ in range(trials)]
     lengths = {e.tokens.numel() for e in examples}
     if len(lengths) != 1:  # a subword tokenizer may split keys differently: keep the common shape
         raise ValueError("pass-key examples of one length must tokenize to the same length")
-    return torch.stack([e.tokens for e in examples]), examples[0].answer_start, examples[0].answer_end
+    rows = [torch.cat((corpus.sample(rng, warm, split), e.tokens)) if warm > 0 else e.tokens for e in examples]
+    return torch.stack(rows), warm + examples[0].answer_start, warm + examples[0].answer_end
 
 
 def passkey(model: TitanModel, tokens: Tensor, answer_start: int, answer_end: int, memory: bool = True) -> PassKeyResult:
