@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat-trials", type=int, default=32)
     p.add_argument("--warm", type=int, default=0,
                    help="start every repeat and pass-key stream with this many attention windows of other "
-                        "held-out text (a warm memory, as in a long stream); 0: A / the key arrive first")
+                        "held-out text (a warm memory, as in a long stream); 0: the key opens its stream, A follows "
+                        "one window of text")
     p.add_argument("--bpb-streams", type=int, default=8)
     p.add_argument("--bpb-tokens", type=int, default=4096)
     p.add_argument("--bpb-positions", default=None,
