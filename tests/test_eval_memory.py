@@ -124,3 +124,32 @@ def test_a_negative_warm_is_a_one_line_error(capsys):
     assert eval_memory.main(["--model", "default", "--evals", "repeat", "--warm", "-1"]) != 0
     err = capsys.readouterr().err.strip()
     assert "--warm" in err and "\n" not in err
+
+
+def test_warm_reaches_both_recall_evaluations(monkeypatch, tmp_path):
+    """--warm 3 puts 3 more windows of text before the passage (after its usual one-window lead) and 3
+    windows before every needle; without it the layouts are as before."""
+    from titans_runtime.evaluation import memory as ev
+
+    seen = []
+    real_repeat, real_passkey = ev.repeat_batch, ev.passkey_batch
+
+    def repeat_batch(corpus, rng, trials, passage, gap, lead, **kw):
+        seen.append(("lead", lead))
+        return real_repeat(corpus, rng, trials, passage, gap, lead, **kw)
+
+    def passkey_batch(*args, warm=0, **kw):
+        seen.append(("warm", warm))
+        return real_passkey(*args, warm=warm, **kw)
+
+    monkeypatch.setattr(ev, "repeat_batch", repeat_batch)
+    monkeypatch.setattr(ev, "passkey_batch", passkey_batch)
+    small = ["--model", "default", "--memory", "on", "--evals", "repeat,passkey", "--lengths", "1",
+             "--trials", "2", "--repeat-trials", "2", "--passage", "16"]
+    window = 64  # the default model's attention window
+    assert eval_memory.main(small + ["--warm", "3", "--json", str(tmp_path / "w.json")]) == 0
+    assert seen == [("lead", 4 * window), ("warm", 3 * window)]
+    assert json.loads((tmp_path / "w.json").read_text())["args"]["warm"] == 3
+    seen.clear()
+    assert eval_memory.main(small) == 0
+    assert seen == [("lead", window), ("warm", 0)]
