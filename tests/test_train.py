@@ -365,6 +365,31 @@ def test_task_per_window_puts_one_task_in_each_window(tmp_path):
     assert all(int((row == 5.0).sum()) == 16 for row in single)
 
 
+def test_task_span_puts_the_task_at_the_start_and_text_after_it(tmp_path):
+    text = "".join(f"line {i:05d} of a text that never repeats itself exactly.\n" for i in range(600))
+    (tmp_path / "a.txt").write_text(text)
+    corpus = load_corpus([str(tmp_path / "a.txt")], ByteTokenizer(), 0.1)
+    cfg = DataConfig(synthetic_fraction=1.0, passkey_share=0.0, recall_weight=5.0, passage_min=16, passage_max=16,
+                     task_span=128)
+    tokens, weights = SequenceBatches(corpus, ByteTokenizer(), cfg, 4, 513, 32, seed=0).weighted(0)
+    assert tokens.shape == weights.shape == (4, 513)
+    for row_tokens, row in zip(tokens, weights):
+        heavy = (row == 5.0).nonzero().flatten()
+        # the repeat's second reading lies inside the first 128 tokens; after them, plain text at weight 1
+        assert heavy.numel() == 16 and int(heavy[-1]) < 128
+        assert torch.equal(row[128:], torch.ones(385))
+        first = row_tokens[:128].tolist()
+        passage = row_tokens[heavy].tolist()
+        assert any(first[i:i + 16] == passage for i in range(int(heavy[0]) - 16 + 1))  # read once before
+        tail = bytes(row_tokens[128:].tolist()).decode()
+        assert tail in text  # one contiguous stretch of the corpus
+    # a span as long as the sequence or longer: the old whole-sequence layout
+    whole = DataConfig(**{**cfg.__dict__, "task_span": 513})
+    assert torch.equal(SequenceBatches(corpus, ByteTokenizer(), whole, 4, 513, 32, seed=0).weighted(0)[1],
+                       SequenceBatches(corpus, ByteTokenizer(), DataConfig(**{**cfg.__dict__, "task_span": 0}),
+                                       4, 513, 32, seed=0).weighted(0)[1])
+
+
 def test_stream_plan_mixes_long_text_streams():
     plain = StreamPlan(2, 0, 0.0, seed=1)
     assert [(p.index, p.window, p.windows) for p in map(plain.at, range(5))] == [(0, 0, 2), (0, 1, 2), (1, 0, 2),

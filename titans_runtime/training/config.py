@@ -40,6 +40,10 @@ class DataConfig:
     # With windows_per_sequence > 1: one task (or text) per TBPTT window, the state carried across them, so
     # the memory learns to recall in a long stream; false: one task spread over the whole sequence.
     task_per_window: bool = False
+    # > 0: a synthetic task fills only a sequence's first `task_span` tokens and plain text the rest, so the
+    # task starts from a fresh memory (as the recall evaluations do) and the same gradient goes on to train
+    # reading a long stream; 0: the task spreads over the whole sequence.
+    task_span: int = 0
 
     def validate(self, path: str = "data") -> None:
         _require(len(self.files) > 0, f"{path}.files", "needs at least one file or folder")
@@ -54,6 +58,7 @@ class DataConfig:
         _require(self.context_weight >= 0, f"{path}.context_weight", "must be >= 0")
         _require(0 < self.passage_min <= self.passage_max, f"{path}.passage_min", "must be in 1..passage_max")
         _require(self.min_gap_windows >= 0, f"{path}.min_gap_windows", "must be >= 0")
+        _require(self.task_span >= 0, f"{path}.task_span", "must be >= 0")
 
 
 @dataclass

@@ -178,6 +178,16 @@ def build_sequence(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, len
     loss weight of each token (1 in plain text; see `recall_weight`, `context_weight`, `noise_weight`)."""
     if rng.random() >= cfg.synthetic_fraction:
         return corpus.sample(rng, length, split), torch.ones(length)
+    if 0 < cfg.task_span < length:  # the task at the start, plain text after it
+        tokens, weights = _task(corpus, tokenizer, rng, cfg.task_span, cfg, min_gap, split)
+        tail = length - cfg.task_span
+        return torch.cat((tokens, corpus.sample(rng, tail, split))), torch.cat((weights, torch.ones(tail)))
+    return _task(corpus, tokenizer, rng, length, cfg, min_gap, split)
+
+
+def _task(corpus: Corpus, tokenizer: Any, rng: np.random.Generator, length: int, cfg: DataConfig,
+          min_gap: int, split: str) -> tuple[Tensor, Tensor]:
+    """A synthetic task of `length` tokens (pass key, noise repeat or repeat, by the mix in `cfg`) and its weights."""
     if rng.random() < cfg.passkey_share:
         return passkey_sequence(corpus, tokenizer, rng, length, split, cfg.recall_weight, cfg.context_weight)
     if cfg.noise_share > 0 and rng.random() < cfg.noise_share:
