@@ -63,7 +63,7 @@ def test_default_model_remembers_beyond_its_window(model, corpus):
     assert on.second < on.first, (on.first, on.second)
     # A real gain, not noise: at least 5 % less loss on the repeat than without the memory.
     assert on.ratio <= off.ratio - 0.05, (on.ratio, off.ratio)
-    # And the level the shipped model reaches (0.458 in the full evaluation), with a margin.
+    # And the level the shipped model reaches (0.461 in the full evaluation), with a margin.
     assert on.ratio <= 0.7, on.ratio
 
 
